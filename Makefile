@@ -1,0 +1,45 @@
+# The two commands: `make run` serves the demo model, `make test` runs every test. Both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint format bench stress model user clean
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+models/iris.joblib: | $(VENV)/.runtime
+	$(PY) models/train_demo.py
+
+model: models/iris.joblib  ## (re)build the demo model if absent
+
+run: $(VENV)/.runtime models/iris.joblib  ## serve the demo model on 127.0.0.1:8000 with a private Redis
+	scripts/run.sh
+
+test: $(VENV)/.dev models/iris.joblib lint  ## lint, then the whole test suite (unit + live gunicorn/Redis)
+	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(VENV)/.dev  ## side-by-side throughput/latency benchmark (needs wrk; installs it with apt if missing)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+user: $(VENV)/.runtime  ## make user NAME=alice: create a user with a random API key
+	$(PY) -m app.cli create-user $(NAME)
+
+clean:
+	rm -rf $(VENV) .sibyl models/.compiled .pytest_cache .ruff_cache

@@ -1,0 +1,36 @@
+"""Sibyl: serve a scikit-learn model over HTTP. create_app() wires the request's path together."""
+
+from flask import Flask
+
+from app import auth, cli, errors, request_log
+from app.backends import choose_backend
+from app.cache import PredictionCache
+from app.registry import load_model
+from config import Config
+
+
+def create_app(config: dict | None = None) -> Flask:
+    """Build the app: load and verify the model once, then register every step of the request path."""
+    app = Flask(__name__)
+    app.config.from_object(Config)
+    app.config.update(config or {})
+    request_log.init_app(app)
+    errors.init_app(app)
+    auth.init_app(app)
+    model = load_model(app.config["MODEL_PATH"], app.config["MODEL_SHA256"])
+    model.backend = choose_backend(model, app.config["INFERENCE_BACKEND"])
+    app.extensions["sibyl.model"] = model
+    app.extensions["sibyl.cache"] = PredictionCache(
+        app.config["REDIS_URL"] if app.config["CACHE_ENABLED"] else "",
+        ttl=app.config["CACHE_TTL"],
+        prefix=app.config["CACHE_PREFIX"],
+        timeout_ms=app.config["CACHE_TIMEOUT_MS"],
+        retry_seconds=app.config["CACHE_RETRY_SECONDS"],
+    )
+    from app import health
+    from app.protocols import native
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(native.bp)
+    app.cli.add_command(cli.create_user)
+    return app

@@ -1,0 +1,106 @@
+"""(1) Who is calling: basic auth or bearer token, checked against SHA-256 digests in constant time."""
+
+import hashlib
+import hmac
+import logging
+import secrets
+from pathlib import Path
+
+from flask import Flask, current_app, g
+from flask_httpauth import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
+
+from app.errors import StartupError, error_response
+
+log = logging.getLogger(__name__)
+
+basic = HTTPBasicAuth(realm="sibyl")
+bearer = HTTPTokenAuth(scheme="Bearer")
+auth = MultiAuth(basic, bearer)
+
+# Files written by `make run` carry this marker; production refuses them.
+DEV_MARKER = "# sibyl development credentials"
+# Compared against when the user is unknown, so unknown user and wrong key take the same time.
+_DUMMY = hashlib.sha256(b"sibyl-no-such-user").digest()
+
+
+def new_api_key() -> tuple[str, str]:
+    """A random 256-bit API key and the digest to store for it."""
+    key = secrets.token_urlsafe(32)
+    return key, hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_users(text: str, source: str) -> dict[str, bytes]:
+    """Read "name:sha256:hex" entries (comma- or line-separated, # comments) into name -> digest."""
+    users = {}
+    for entry in text.replace(",", "\n").splitlines():
+        entry = entry.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, _, rest = entry.partition(":")
+        scheme, _, digest = rest.partition(":")
+        if not name or scheme != "sha256" or len(digest) != 64:
+            # Never echo the entry: it may be a password pasted in by mistake.
+            raise StartupError(f"{source}: user entries must look like name:sha256:<64 hex digits> (run `make user`)")
+        users[name] = bytes.fromhex(digest)
+    return users
+
+
+def load_users(app: Flask) -> dict[str, bytes]:
+    """Users from SIBYL_USERS and SIBYL_USERS_FILE; production refuses none or dev-generated ones."""
+    users = parse_users(app.config["SIBYL_USERS"], "SIBYL_USERS")
+    production = app.config["SIBYL_ENV"] == "production"
+    if path := app.config["SIBYL_USERS_FILE"]:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise StartupError(f"users file {path} is unreadable: {e.strerror}") from None
+        if production and DEV_MARKER in text:
+            raise StartupError(f"users file {path} holds development credentials; SIBYL_ENV=production refuses them")
+        users.update(parse_users(text, path))
+    if not users:
+        if production:
+            raise StartupError("no users configured (SIBYL_USERS or SIBYL_USERS_FILE); SIBYL_ENV=production needs some")
+        log.warning("no users configured: every authenticated request will get 401 (run `make user`)")
+    return users
+
+
+@basic.verify_password
+def verify_password(username: str, password: str) -> str | None:
+    """Return the user when the key's digest matches, in time independent of which part was wrong."""
+    users = current_app.extensions["sibyl.users"]
+    digest = hashlib.sha256(password.encode()).digest()
+    ok = hmac.compare_digest(digest, users.get(username, _DUMMY))
+    return _login(username) if ok and username in users else None
+
+
+@bearer.verify_token
+def verify_token(token: str) -> str | None:
+    """A bearer token is a user's API key: check it against every user without stopping early."""
+    digest = hashlib.sha256(token.encode()).digest()
+    found = None
+    for name, stored in current_app.extensions["sibyl.users"].items():
+        if hmac.compare_digest(digest, stored):
+            found = name
+    return _login(found) if found else None
+
+
+def _login(name: str) -> str:
+    """Record the caller for the request log."""
+    g.log["user"] = name
+    return name
+
+
+def auth_error(status: int):
+    """401/403 in the one JSON error shape (flask-httpauth adds its scheme's WWW-Authenticate)."""
+    message = "Send valid credentials: HTTP basic auth (user:key) or Authorization: Bearer <key>."
+    return error_response(status, "unauthorized" if status == 401 else "forbidden", message)
+
+
+# Registered on each scheme separately so each adds its own WWW-Authenticate (Basic makes browsers prompt).
+basic.error_handler(auth_error)
+bearer.error_handler(auth_error)
+
+
+def init_app(app: Flask) -> None:
+    """Load the users once at startup."""
+    app.extensions["sibyl.users"] = load_users(app)

@@ -1,0 +1,180 @@
+"""(7) Predictors behind one interface: scikit-learn itself, or the same model compiled to ONNX."""
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sklearn
+from threadpoolctl import threadpool_limits
+
+from app.registry import Model, ModelError
+
+log = logging.getLogger(__name__)
+
+# Compiled and scikit-learn outputs must agree this closely on the sample rows before we switch.
+PROBA_ATOL = 1e-5
+_TREE_MODULES = ("sklearn.ensemble", "sklearn.tree")
+
+# Validation already guarantees finite float64 rows; a DataFrame-fitted model would warn on every call.
+warnings.filterwarnings("ignore", message="X does not have valid feature names")
+
+
+class SklearnBackend:
+    """Calls the estimator directly, single-threaded, with scikit-learn's re-validation turned off."""
+
+    name = "sklearn"
+
+    def __init__(self, estimator: Any) -> None:
+        self.estimator = estimator
+        # Workers = cores: a BLAS or joblib pool per worker would oversubscribe them.
+        threadpool_limits(1)
+        for key in estimator.get_params(deep=True):
+            if key == "n_jobs" or key.endswith("__n_jobs"):
+                estimator.set_params(**{key: 1})
+
+    def predict(self, X: np.ndarray, proba: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels (or values) for each row, and class probabilities when asked."""
+        with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+            labels = self.estimator.predict(X)
+            return labels, (self.estimator.predict_proba(X) if proba else None)
+
+
+class OnnxBackend:
+    """Runs the model converted by skl2onnx in onnxruntime, one thread per worker."""
+
+    name = "onnx"
+
+    def __init__(self, onnx_bytes: bytes, model: Model, dtype: type) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.dtype = dtype
+        self.classes = np.asarray(model.classes) if model.classes is not None else None
+
+    def predict(self, X: np.ndarray, proba: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Same contract as SklearnBackend.predict."""
+        out = self.session.run(self.outputs, {self.input_name: X.astype(self.dtype, copy=False)})
+        if self.classes is None:
+            y = np.asarray(out[0], dtype=np.float64)
+            return (y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y), None
+        # Cast labels back to the model's own label type (ONNX turns float labels into int64).
+        labels = np.asarray(out[0]).astype(self.classes.dtype, copy=False)
+        return labels, (np.asarray(out[1], dtype=np.float64) if proba else None)
+
+
+def sample_rows(model: Model) -> np.ndarray:
+    """Rows to compare backends on: the ones shipped in the metadata, plus seeded random ones."""
+    rng = np.random.default_rng(0)
+    shipped = model.metadata.get("sample_rows") or []
+    if shipped:
+        shipped = np.asarray(shipped, dtype=np.float64)
+        lo, hi = shipped.min(axis=0), shipped.max(axis=0)
+        spread = rng.uniform(lo, hi, size=(64, model.n_features))
+        return np.vstack([shipped, spread])
+    return rng.normal(size=(64, model.n_features))
+
+
+def _convert(model: Model, dtype: type) -> bytes:
+    """Convert the estimator to ONNX bytes, with class probabilities as a plain tensor."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
+
+    tensor = DoubleTensorType if dtype is np.float64 else FloatTensorType
+    final = _final_estimator(model.estimator)
+    # ZipMap (a list of dicts per row) is slow and pointless: we build our own maps.
+    options = {id(final): {"zipmap": False}} if model.classes is not None else None
+    onx = convert_sklearn(model.estimator, initial_types=[("X", tensor([None, model.n_features]))], options=options)
+    return onx.SerializeToString()
+
+
+def _final_estimator(est: Any) -> Any:
+    """The last step of (possibly nested) pipelines."""
+    while hasattr(est, "steps"):
+        est = est.steps[-1][1]
+    return est
+
+
+def _dtypes(model: Model) -> list[type]:
+    """Input precisions to try: tree classifiers compare in float32 inside scikit-learn, so match them;
+    everything else keeps float64 so values come back as scikit-learn computes them."""
+    module = type(_final_estimator(model.estimator)).__module__
+    if model.classes is not None and module.startswith(_TREE_MODULES):
+        return [np.float32, np.float64]
+    return [np.float64, np.float32]
+
+
+def _compiled_path(model: Model, dtype: type) -> Path:
+    """Where the converted model is kept: beside the artifact, keyed by its sha256 and precision."""
+    return model.path.parent / ".compiled" / f"{model.sha256}.{np.dtype(dtype).name}.onnx"
+
+
+def disagreement(model: Model, backend: Any, rows: np.ndarray) -> str | None:
+    """Why a backend disagrees with scikit-learn on these rows, or None if it agrees."""
+    reference = SklearnBackend(model.estimator)
+    ref_labels, ref_p = reference.predict(rows, proba=model.has_proba)
+    labels, p = backend.predict(rows, proba=model.has_proba)
+    if model.classes is None:
+        if not np.allclose(labels, ref_labels, rtol=1e-5, atol=PROBA_ATOL):
+            return f"predictions differ by up to {np.max(np.abs(labels - ref_labels)):.3g}"
+        return None
+    if not np.array_equal(labels, ref_labels):
+        return f"labels differ on {int(np.sum(labels != ref_labels))} of {len(rows)} sample rows"
+    if ref_p is not None and not np.allclose(p, ref_p, rtol=0, atol=PROBA_ATOL):
+        return f"probabilities differ by up to {np.max(np.abs(p - ref_p)):.3g}"
+    return None
+
+
+def _compile(model: Model) -> tuple[OnnxBackend | None, str]:
+    """Build a verified ONNX backend, reusing a previous conversion; return it or why not."""
+    rows = sample_rows(model)
+    reasons = []
+    for dtype in _dtypes(model):
+        cached = _compiled_path(model, dtype)
+        try:
+            onnx_bytes = cached.read_bytes() if cached.is_file() else _convert(model, dtype)
+            backend = OnnxBackend(onnx_bytes, model, dtype)
+            why = disagreement(model, backend, rows)
+        except Exception as e:  # noqa: BLE001 - skl2onnx/onnxruntime raise many kinds for unsupported models
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if why is None:
+            if not cached.is_file():
+                _write_atomically(cached, onnx_bytes)
+            return backend, ""
+        reasons.append(f"{np.dtype(dtype).name}: {why}")
+    return None, "; ".join(reasons)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write so that a concurrent reader never sees half a file; a read-only model dir is not an error."""
+    try:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as e:
+        log.info("could not keep the compiled model at %s (%s); it will be converted again next start", path, e)
+
+
+def choose_backend(model: Model, mode: str) -> Any:
+    """Pick the predictor for a model per INFERENCE_BACKEND (auto | sklearn | onnx)."""
+    if mode not in {"auto", "sklearn", "onnx"}:
+        raise ModelError(f"INFERENCE_BACKEND must be auto, sklearn or onnx, not {mode!r}")
+    if mode == "sklearn":
+        return SklearnBackend(model.estimator)
+    backend, why = _compile(model)
+    if backend is not None:
+        log.info("model %s %s: serving the compiled ONNX backend", model.name, model.version)
+        return backend
+    if mode == "onnx":
+        raise ModelError(f"model file {model.path} cannot be served by INFERENCE_BACKEND=onnx: {why}")
+    log.warning("model %s %s: ONNX not used (%s); serving with scikit-learn", model.name, model.version, why)
+    return SklearnBackend(model.estimator)

@@ -1,0 +1,68 @@
+"""One JSON error shape for every failure: {"error": {"code", "message", "request_id"}}."""
+
+import logging
+
+import orjson
+from flask import Flask, Response, g
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# Machine-readable codes for the HTTP errors Flask/Werkzeug raise themselves.
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+# Werkzeug's default descriptions are written for HTML pages; these tell an API caller what to do.
+_MESSAGES = {
+    404: "No such endpoint. See the README for the endpoints Sibyl serves.",
+    405: "This endpoint does not accept that method.",
+    413: "The request body is larger than this server accepts (MAX_BODY_BYTES); send fewer rows per request.",
+}
+
+
+class StartupError(RuntimeError):
+    """Configuration or model problem that must stop startup with one clear line."""
+
+
+class ApiError(Exception):
+    """A client-facing failure with its status, code and a message that says how to fix the request."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+    """Build the one JSON error body every non-2xx response uses."""
+    body = {"error": {"code": code, "message": message, "request_id": g.get("request_id")}}
+    return Response(orjson.dumps(body), status=status, headers=headers, mimetype="application/json")
+
+
+def init_app(app: Flask) -> None:
+    """Route every exception, routing errors included, through error_response()."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(e: ApiError) -> Response:
+        return error_response(e.status, e.code, e.message)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException) -> Response:
+        status = e.code or 500
+        message = _MESSAGES.get(status) or e.description or "Request failed."
+        headers = {"Allow": ", ".join(e.valid_methods)} if getattr(e, "valid_methods", None) else None
+        return error_response(status, _CODES.get(status, "http_error"), message, headers)
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception) -> Response:
+        # The trace stays in the server log, tied to the request id; the caller gets a generic line.
+        log.exception("unhandled error (request_id=%s)", g.get("request_id"))
+        return error_response(500, "internal_error", "Internal server error; quote the request_id when reporting it.")

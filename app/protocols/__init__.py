@@ -1,0 +1,39 @@
+"""(2) Wire formats: each protocol module turns its request into rows and a pipeline result into its reply."""
+
+import orjson
+from flask import Response, request
+
+from app.errors import ApiError
+from app.pipeline import Prediction
+
+# numpy scalars can reach a reply (e.g. model metadata); orjson writes them natively.
+_DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
+
+
+def read_json() -> dict:
+    """The request body as a JSON object, or 415/413/400 saying what to send instead."""
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json.")
+    data = request.get_data(cache=False)  # raises 413 past MAX_BODY_BYTES, before reading it all
+    if not data:
+        raise ApiError(400, "invalid_json", 'The request body is empty; send e.g. {"features": [[...]]}.')
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        # orjson's message gives the position, never the content; NaN and Infinity are not JSON.
+        raise ApiError(400, "invalid_json", f"The body is not valid JSON ({e}).") from None
+    if type(body) is not dict:
+        raise ApiError(400, "invalid_json", 'The body must be a JSON object, e.g. {"features": [[...]]}.')
+    return body
+
+
+def json_response(payload: dict, status: int = 200, headers: dict | None = None) -> Response:
+    """Serialize a reply with orjson."""
+    return Response(
+        orjson.dumps(payload, option=_DUMPS_OPTS), status=status, headers=headers, mimetype="application/json"
+    )
+
+
+def cache_headers(result: Prediction) -> dict:
+    """X-Cache tells callers whether the answer came from the cache, and for how many rows."""
+    return {"X-Cache": result.cache, "X-Cache-Hits": str(result.hits)}

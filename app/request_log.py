@@ -1,0 +1,98 @@
+"""One structured line per request on stdout, and the request id that ties it to errors."""
+
+import logging
+import os
+import re
+import sys
+from datetime import UTC, datetime
+from time import perf_counter
+
+import orjson
+from flask import Flask, Response, g, request
+
+log = logging.getLogger(__name__)
+
+# A caller's X-Request-ID is echoed into logs and headers, so only a safe token is accepted.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler that writes to whatever sys.stdout is now (so pytest's capture sees it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class JsonFormatter(logging.Formatter):
+    """Each record as one JSON object; request lines merge their fields in at the top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render the record as a single line of JSON."""
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines: the message, then key=value fields."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render the record with its fields appended."""
+        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        return f"{super().format(record)} {fields}".rstrip()
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Send the app's loggers to stdout in the configured format; gunicorn keeps stderr for its own."""
+    handler = _Stdout()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger("app")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def init_app(app: Flask) -> None:
+    """Give each request an id, and log it once it has its response."""
+    configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
+    debug = log.isEnabledFor(logging.DEBUG)
+
+    @app.before_request
+    def _start() -> None:
+        g.start = perf_counter()
+        sent = request.headers.get("X-Request-ID", "")
+        g.request_id = sent if _REQUEST_ID.fullmatch(sent) else os.urandom(16).hex()
+        g.log = {}
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.request_id
+        fields = {
+            "request_id": g.request_id,
+            "remote_addr": request.remote_addr,
+            "user": None,
+            "method": request.method,
+            "path": request.path,
+            "status": response.status_code,
+            "duration_ms": round((perf_counter() - g.start) * 1000, 3),
+            **g.log,
+        }
+        if debug and "timings" in g:
+            fields["steps_ms"] = {k: round(v * 1000, 3) for k, v in g.timings.items()}
+        log.info("request", extra={"fields": fields})
+        return response

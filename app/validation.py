@@ -1,0 +1,75 @@
+"""(3) Rows from any protocol -> a finite float64 matrix that fits the model, or a 400 saying how to fix it."""
+
+import numpy as np
+
+from app.errors import ApiError
+from app.registry import Model
+
+_NUMBERS = frozenset({int, float})
+_TYPE_NAMES = {str: "a string", bool: "a boolean", type(None): "null", list: "a list", dict: "an object"}
+
+
+def invalid(message: str) -> ApiError:
+    """A 400 for input that parsed but does not fit the model."""
+    return ApiError(400, "invalid_input", message)
+
+
+def to_matrix(rows: object, model: Model, max_rows: int, field: str = "features") -> np.ndarray:
+    """Check rows (lists of numbers, or objects keyed by feature name) and stack them as float64."""
+    if isinstance(rows, list) and rows and type(rows[0]) in _NUMBERS:
+        rows = [rows]  # a single flat row is one instance
+    if not isinstance(rows, list) or not rows:
+        raise invalid(f"{field} must be a non-empty list of rows, e.g. [[{_example(model)}]]")
+    if len(rows) > max_rows:
+        raise ApiError(413, "too_many_rows", f"{len(rows)} rows sent; at most {max_rows} per request (MAX_ROWS)")
+    n = model.n_features
+    ordered = []
+    for i, row in enumerate(rows):
+        if type(row) is dict:
+            row = _named_row(row, model, f"{field}[{i}]")
+        elif type(row) is not list:
+            raise invalid(f"{field}[{i}] is {_kind(row)}; each row must be a list of {n} numbers or an object")
+        elif len(row) != n:
+            raise invalid(f"{field}[{i}] has {len(row)} values; the model expects {n}{_names(model)}")
+        if not _NUMBERS.issuperset(map(type, row)):
+            j = next(j for j, v in enumerate(row) if type(v) not in _NUMBERS)
+            raise invalid(f"{field}[{i}][{j}] is {_kind(row[j])}; every value must be a finite number")
+        ordered.append(row)
+    try:
+        X = np.array(ordered, dtype=np.float64)
+    except OverflowError:
+        raise invalid(f"a value in {field} is too large for a 64-bit float") from None
+    if not np.isfinite(X).all():
+        i = int(np.argwhere(~np.isfinite(X))[0][0])
+        raise invalid(f"{field}[{i}] holds a value too large for a 64-bit float; values must be finite")
+    return X
+
+
+def _named_row(row: dict, model: Model, where: str) -> list:
+    """Order an object's values by the model's feature names, or say which names are wrong."""
+    names = model.feature_names
+    if names is None:
+        raise invalid(f"{where} is an object, but this model has no feature names; send each row as a list")
+    try:
+        values = [row[name] for name in names]
+    except KeyError as e:
+        raise invalid(f"{where} is missing {e.args[0]!r}; the model expects {', '.join(names)}") from None
+    if len(row) != len(names):
+        extra = sorted(set(row) - set(names))
+        raise invalid(f"{where} has unknown field {extra[0]!r}; the model expects {', '.join(names)}")
+    return values
+
+
+def _kind(value: object) -> str:
+    """Name a JSON value's type without echoing the value itself."""
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _names(model: Model) -> str:
+    """': a, b, c' when the model has feature names."""
+    return f": {', '.join(model.feature_names)}" if model.feature_names else ""
+
+
+def _example(model: Model) -> str:
+    """A placeholder row of the right width for error messages."""
+    return ", ".join(["0.0"] * min(model.n_features, 4)) + (", ..." if model.n_features > 4 else "")
