@@ -2,7 +2,7 @@
 
 from flask import Flask
 
-from app import auth, cli, errors, request_log
+from app import auth, errors, request_log
 from app.backends import choose_backend
 from app.cache import PredictionCache
 from app.registry import load_model
@@ -27,7 +27,8 @@ def create_app(config: dict | None = None) -> Flask:
         timeout_ms=app.config["CACHE_TIMEOUT_MS"],
         retry_seconds=app.config["CACHE_RETRY_SECONDS"],
     )
-    from app import health
+    # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
+    from app import cli, health
     from app.protocols import native
 
     app.register_blueprint(health.bp)

@@ -28,5 +28,12 @@ def create_user(name: str, users_file: str | None, dev: bool) -> None:
     click.echo(f"config entry (SIBYL_USERS or a line of SIBYL_USERS_FILE): {entry}")
 
 
+@click.group()
+def main() -> None:
+    """Sibyl operator commands that need no running app."""
+
+
+main.add_command(create_user)
+
 if __name__ == "__main__":
-    create_user()
+    main()

