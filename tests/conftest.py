@@ -203,16 +203,11 @@ class LiveServer:
         """Parsed JSON lines the app wrote to stdout (request lines have "message": "request")."""
         import json
 
-        lines = []
-        for raw in self.log_path.read_text().splitlines():
-            try:
-                lines.append(json.loads(raw))
-            except ValueError:
-                pass
-        return lines
+        return [json.loads(raw) for raw in self.log_path.read_text().splitlines() if raw.startswith("{")]
 
     def predict(self, body: dict, headers: dict | None = None, **kw) -> requests.Response:
         """POST /predict with the test user's credentials."""
+        kw.setdefault("timeout", 10)
         return requests.post(self.url + "/predict", json=body, headers={**basic_auth(), **(headers or {})}, **kw)
 
 
