@@ -8,6 +8,19 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _number(name: str, default: str, kind: type = int, minimum: float = 0) -> int | float:
+    """Read a numeric setting; a bad value stops startup with one line naming the variable."""
+    raw = _env(name, default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        what = "whole number" if kind is int else "number"
+        raise SystemExit(f"sibyl: cannot start: {name}={raw!r} must be a {what} >= {minimum}")
+    return value
+
+
 def _flag(name: str, default: bool) -> bool:
     """Read a boolean environment variable (1/true/yes/on)."""
     return _env(name, str(default)).strip().lower() in {"1", "true", "yes", "on"}
@@ -32,18 +45,18 @@ class Config:
     SIBYL_USERS_FILE = _env("SIBYL_USERS_FILE", "")
 
     # Request limits: rows per request and body bytes (Flask answers 413 past the latter).
-    MAX_ROWS = int(_env("MAX_ROWS", "1000"))
-    MAX_CONTENT_LENGTH = int(_env("MAX_BODY_BYTES", str(1024 * 1024)))
+    MAX_ROWS = _number("MAX_ROWS", "1000", minimum=1)
+    MAX_CONTENT_LENGTH = _number("MAX_BODY_BYTES", str(1024 * 1024), minimum=1)
 
     # Prediction cache. An empty REDIS_URL disables it (make run starts a private Redis).
     REDIS_URL = _env("REDIS_URL", "")
     CACHE_ENABLED = _flag("CACHE_ENABLED", True)
-    CACHE_TTL = int(_env("CACHE_TTL", "3600"))
+    CACHE_TTL = _number("CACHE_TTL", "3600", minimum=1)
     CACHE_PREFIX = _env("CACHE_PREFIX", "sibyl:")
     # Redis must answer within this, or the request is served uncached.
-    CACHE_TIMEOUT_MS = int(_env("CACHE_TIMEOUT_MS", "50"))
+    CACHE_TIMEOUT_MS = _number("CACHE_TIMEOUT_MS", "50", minimum=1)
     # After a Redis failure, skip the cache this long before probing again.
-    CACHE_RETRY_SECONDS = float(_env("CACHE_RETRY_SECONDS", "5"))
+    CACHE_RETRY_SECONDS = _number("CACHE_RETRY_SECONDS", "5", float)
 
     # One JSON line per request on stdout; "text" is for reading by eye.
     LOG_LEVEL = _env("LOG_LEVEL", "INFO").upper()

@@ -42,3 +42,8 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+
+
+def post_worker_init(worker):
+    """Open per-process resources (the onnxruntime session) in each worker before its first request."""
+    worker.wsgi.extensions["sibyl.model"].backend.warm()

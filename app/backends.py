@@ -2,6 +2,7 @@
 
 import logging
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ class SklearnBackend:
             if key == "n_jobs" or key.endswith("__n_jobs"):
                 estimator.set_params(**{key: 1})
 
+    def warm(self) -> None:
+        """Nothing to open per process."""
+
     def predict(self, X: np.ndarray, proba: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Labels (or values) for each row, and class probabilities when asked."""
         with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
@@ -48,27 +52,50 @@ class OnnxBackend:
     name = "onnx"
 
     def __init__(self, onnx_bytes: bytes, model: Model, dtype: type) -> None:
+        self.onnx_bytes = onnx_bytes
+        self.dtype = dtype
+        self.classes = np.asarray(model.classes) if model.classes is not None else None
+        self.reference = SklearnBackend(model.estimator) if model.has_proba else None
+        self._pid = None
+
+    def warm(self) -> None:
+        """Open this process's onnxruntime session.
+
+        Never in the gunicorn master: a process that has merely imported onnxruntime hands its forked
+        workers a runtime that aborts or hangs when they exit, so each worker opens its own after fork.
+        """
+        if self._pid == os.getpid():
+            return
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self.session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(self.onnx_bytes, opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.dtype = dtype
-        self.classes = np.asarray(model.classes) if model.classes is not None else None
+        self._pid = os.getpid()
 
     def predict(self, X: np.ndarray, proba: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Same contract as SklearnBackend.predict."""
+        if self._pid != os.getpid():
+            self.warm()
         out = self.session.run(self.outputs, {self.input_name: X.astype(self.dtype, copy=False)})
         if self.classes is None:
             y = np.asarray(out[0], dtype=np.float64)
             return (y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y), None
         # Cast labels back to the model's own label type (ONNX turns float labels into int64).
-        labels = np.asarray(out[0]).astype(self.classes.dtype, copy=False)
-        return labels, (np.asarray(out[1], dtype=np.float64) if proba else None)
+        labels = np.array(out[0]).astype(self.classes.dtype, copy=False)
+        p = np.asarray(out[1], dtype=np.float64)
+        if self.reference is not None and p.shape[1] > 1:
+            # Near-ties (a forest's 50/50 vote) can break the other way after float32 summation;
+            # scikit-learn answers those few rows so labels always match it exactly.
+            top2 = np.partition(p, -2, axis=1)[:, -2:]
+            unsure = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * PROBA_ATOL)
+            if unsure.size:
+                labels[unsure], p[unsure] = self.reference.predict(X[unsure], proba=True)
+        return labels, (p if proba else None)
 
 
 def sample_rows(model: Model) -> np.ndarray:
@@ -133,24 +160,42 @@ def disagreement(model: Model, backend: Any, rows: np.ndarray) -> str | None:
     return None
 
 
-def _compile(model: Model) -> tuple[OnnxBackend | None, str]:
-    """Build a verified ONNX backend, reusing a previous conversion; return it or why not."""
+def _compile(model: Model) -> tuple[bytes | None, type | None, str]:
+    """Convert (or reuse a kept conversion) and verify; return (onnx bytes, input dtype, why not)."""
     rows = sample_rows(model)
     reasons = []
     for dtype in _dtypes(model):
         cached = _compiled_path(model, dtype)
         try:
             onnx_bytes = cached.read_bytes() if cached.is_file() else _convert(model, dtype)
-            backend = OnnxBackend(onnx_bytes, model, dtype)
-            why = disagreement(model, backend, rows)
+            why = disagreement(model, OnnxBackend(onnx_bytes, model, dtype), rows)
         except Exception as e:  # noqa: BLE001 - skl2onnx/onnxruntime raise many kinds for unsupported models
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if why is None:
             if not cached.is_file():
                 _write_atomically(cached, onnx_bytes)
-            return backend, ""
+            return onnx_bytes, dtype, ""
         reasons.append(f"{np.dtype(dtype).name}: {why}")
-    return None, "; ".join(reasons)
+    return None, None, "; ".join(reasons)
+
+
+def _in_child(fn: Any) -> Any:
+    """Run fn in a forked child and return its result, so onnxruntime never loads in this process (see warm)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: compute, send, and leave without running onnxruntime's exit-time destructors
+        os.close(read_end)
+        try:
+            with os.fdopen(write_end, "wb") as out:
+                out.write(pickle.dumps(fn()))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as inp:
+        data = inp.read()
+    os.waitpid(pid, 0)
+    # Our own child's pickle, read from a private pipe: no untrusted input is unpickled here.
+    return pickle.loads(data) if data else (None, None, "conversion process died")  # noqa: S301
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -170,10 +215,10 @@ def choose_backend(model: Model, mode: str) -> Any:
         raise ModelError(f"INFERENCE_BACKEND must be auto, sklearn or onnx, not {mode!r}")
     if mode == "sklearn":
         return SklearnBackend(model.estimator)
-    backend, why = _compile(model)
-    if backend is not None:
+    onnx_bytes, dtype, why = _in_child(lambda: _compile(model))
+    if onnx_bytes is not None:
         log.info("model %s %s: serving the compiled ONNX backend", model.name, model.version)
-        return backend
+        return OnnxBackend(onnx_bytes, model, dtype)
     if mode == "onnx":
         raise ModelError(f"model file {model.path} cannot be served by INFERENCE_BACKEND=onnx: {why}")
     log.warning("model %s %s: ONNX not used (%s); serving with scikit-learn", model.name, model.version, why)

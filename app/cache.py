@@ -11,34 +11,76 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from app.errors import StartupError
+
 log = logging.getLogger(__name__)
 
 
+class _Breaker:
+    """Skip a failing operation for a back-off period; report only the transitions, not every failure."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.down = False
+        self.reason = ""
+        self._until = 0.0
+        self._lock = threading.Lock()
+
+    def allows(self) -> bool:
+        """Whether to try now: healthy, or the back-off has passed (the next call is the probe)."""
+        return not self.down or time.monotonic() >= self._until
+
+    def failed(self, e: Exception) -> bool:
+        """Start (or extend) the back-off; True if this call is the one that took it down."""
+        with self._lock:
+            self._until = time.monotonic() + self.seconds
+            if self.down:
+                return False
+            self.down, self.reason = True, _describe(e)
+            return True
+
+    def succeeded(self) -> bool:
+        """Close the breaker; True if this call is the one that brought it back."""
+        if not self.down:
+            return False
+        with self._lock:
+            was_down, self.down, self.reason = self.down, False, ""
+            return was_down
+
+
 class PredictionCache:
-    """Rows in, stored answers out; a circuit breaker keeps a dead Redis from costing each request."""
+    """Rows in, stored answers out; circuit breakers keep a failing Redis from costing each request."""
 
     def __init__(self, url: str, ttl: int, prefix: str, timeout_ms: int, retry_seconds: float) -> None:
+        if ttl < 1:
+            raise StartupError("CACHE_TTL must be at least 1 second (set CACHE_ENABLED=false to turn caching off)")
         self.url = url
         self.ttl = ttl
         self.prefix = prefix
         self.timeout = timeout_ms / 1000
-        self.retry_seconds = retry_seconds
         self.enabled = bool(url)
-        self.reason = ""  # why Redis is down, for /ready and the log; never the URL (it may hold a password)
-        self._down_until = 0.0
-        self._down = False
+        # Connection breaker: Redis down, slow or refusing us. Write breaker: Redis readable but refusing
+        # writes (OOM under noeviction, a READONLY replica), where cached reads are still worth having.
+        self._conn = _Breaker(retry_seconds)
+        self._writes = _Breaker(retry_seconds)
         self._client = None
         self._pid = None
-        self._lock = threading.Lock()
 
     @property
     def state(self) -> str:
-        """off (not configured), ok, or down (serving uncached until the next probe)."""
-        return "off" if not self.enabled else "down" if self._down else "ok"
+        """off (not configured), ok, down (serving uncached), or read-only (hits served, nothing stored)."""
+        if not self.enabled:
+            return "off"
+        return "down" if self._conn.down else "read-only" if self._writes.down else "ok"
+
+    @property
+    def reason(self) -> str:
+        """Why the cache is degraded, for /ready; never the URL (it may hold a password)."""
+        return self._conn.reason or self._writes.reason
 
     def usable(self) -> bool:
         """Whether to try Redis now: configured, and not inside a back-off after a failure."""
-        return self.enabled and (not self._down or time.monotonic() >= self._down_until)
+        return self.enabled and self._conn.allows()
 
     def keys(self, scope: str, X: np.ndarray) -> list[str]:
         """One key per row: prefix + scope + a digest of the row's canonical float64 bytes."""
@@ -56,33 +98,36 @@ class PredictionCache:
         try:
             values = self._redis().mget(keys)
         except (redis.RedisError, OSError) as e:
-            self._failed(e)
+            self._failed(self._conn, e)
             return None
-        self._recovered()
+        self._succeeded(self._conn)
         return values
 
     def set_many(self, items: list[tuple[str, bytes]]) -> None:
-        """Store values with the TTL in one pipelined round trip; failures only open the breaker."""
-        if not items or not self.usable():
+        """Store values with the TTL in one pipelined round trip; failures only open a breaker."""
+        if not items or not self.usable() or not self._writes.allows():
             return
         try:
             pipe = self._redis().pipeline(transaction=False)
             for key, value in items:
                 pipe.set(key, value, ex=self.ttl)
             pipe.execute()
-        except (redis.RedisError, OSError) as e:
-            self._failed(e)
+        except redis.ResponseError as e:  # Redis answered, but refused the write
+            self._failed(self._writes, e)
             return
-        self._recovered()
+        except (redis.RedisError, OSError) as e:
+            self._failed(self._conn, e)
+            return
+        self._succeeded(self._writes)
 
     def check(self) -> str:
         """Probe Redis for /ready (respecting the back-off) and return the state."""
         if self.usable():
             try:
                 self._redis().ping()
-                self._recovered()
+                self._succeeded(self._conn)
             except (redis.RedisError, OSError) as e:
-                self._failed(e)
+                self._failed(self._conn, e)
         return self.state
 
     def _redis(self) -> redis.Redis:
@@ -99,24 +144,16 @@ class PredictionCache:
             self._pid = os.getpid()
         return self._client
 
-    def _failed(self, e: Exception) -> None:
-        """Open the breaker; log only the transition to down, not every failed request."""
-        with self._lock:
-            self._down_until = time.monotonic() + self.retry_seconds
-            if self._down:
-                return
-            self._down = True
-            self.reason = _describe(e)
-        log.warning("cache down, serving uncached; retrying every %.0fs: %s", self.retry_seconds, self.reason)
+    def _failed(self, breaker: _Breaker, e: Exception) -> None:
+        """Open a breaker, logging only the transition."""
+        if breaker.failed(e):
+            what = "cache down, serving uncached" if breaker is self._conn else "cache writes refused, not storing"
+            log.warning("%s; retrying every %.0fs: %s", what, breaker.seconds, breaker.reason)
 
-    def _recovered(self) -> None:
-        """Close the breaker after a successful call, logging the recovery once."""
-        if self._down:
-            with self._lock:
-                if not self._down:
-                    return
-                self._down, self.reason = False, ""
-            log.warning("cache back up, caching resumed")
+    def _succeeded(self, breaker: _Breaker) -> None:
+        """Close a breaker, logging only the recovery."""
+        if breaker.succeeded():
+            log.warning("cache back up, caching resumed" if breaker is self._conn else "cache writes accepted again")
 
 
 def _describe(e: Exception) -> str:
@@ -125,4 +162,7 @@ def _describe(e: Exception) -> str:
         return "authentication failed (check the user and password in REDIS_URL)"
     if isinstance(e, redis.TimeoutError):
         return "Redis did not answer in time (CACHE_TIMEOUT_MS)"
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    message = str(e).splitlines()[0] if str(e) else ""
+    # A pipeline error quotes the failed command, key and cached answer included; /ready is unauthenticated.
+    message = message.rsplit(" of pipeline caused error: ", 1)[-1]
+    return f"{type(e).__name__}: {message[:200]}"

@@ -18,7 +18,8 @@ def ready() -> Response:
     """Readiness: the model is loaded. A Redis outage is "degraded", still 200: predictions still work."""
     cache = current_app.extensions["sibyl.cache"]
     state = cache.check()
-    body = {"status": "degraded" if state == "down" else "ready", "model": "loaded", "cache": state}
-    if state == "down":
+    degraded = state in {"down", "read-only"}
+    body = {"status": "degraded" if degraded else "ready", "model": "loaded", "cache": state}
+    if degraded:
         body["cache_reason"] = cache.reason
     return json_response(body)

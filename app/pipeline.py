@@ -36,8 +36,8 @@ def predict(model: Model, X: np.ndarray, proba: bool, bypass_cache: bool = False
         missing = range(len(X))
         hits = 0
     else:
-        missing = [i for i, v in enumerate(stored) if v is None]
-        rows = [None if v is None else orjson.loads(v) for v in stored]
+        rows = [_decode(v, proba) for v in stored]
+        missing = [i for i, v in enumerate(rows) if v is None]
         for i, value in zip(missing, _compute(model, X[missing], proba) if missing else ()):
             rows[i] = value
         hits = len(X) - len(missing)
@@ -67,3 +67,16 @@ def _compute(model: Model, X: np.ndarray, proba: bool) -> list:
     labels, p = model.backend.predict(X, proba)
     labels = labels.tolist()
     return labels if p is None else [list(pair) for pair in zip(labels, p.tolist())]
+
+
+def _decode(raw: bytes | None, proba: bool) -> object:
+    """A stored answer, or None (a miss) when absent or not in our format (e.g. another version's)."""
+    if raw is None:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if proba and not (type(value) is list and len(value) == 2 and type(value[1]) is list):
+        return None
+    return value

@@ -109,7 +109,7 @@ def load_model(path: str | Path, expected_sha256: str = "") -> Model:
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist (set MODEL_PATH, or run `make model` for the demo)")
     if not meta_file.is_file():
-        raise ModelError(f"model metadata {meta_file} is missing; every artifact needs its metadata file beside it")
+        raise ModelError(f"model file {path} has no metadata file {meta_file.name} beside it (name, version, sha256)")
     if os.stat(path).st_mode & 0o002:
         raise ModelError(f"model file {path} is world-writable; refusing to unpickle a file anyone could replace")
     try:

@@ -84,6 +84,7 @@ def init_app(app: Flask) -> None:
         response.headers["X-Request-ID"] = g.request_id
         fields = {
             "request_id": g.request_id,
+            "pid": os.getpid(),  # which gunicorn worker answered
             "remote_addr": request.remote_addr,
             "user": None,
             "method": request.method,

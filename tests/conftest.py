@@ -225,3 +225,74 @@ def live_server(tmp_path, iris_path):
     yield start
     for server in servers:
         server.stop()
+
+
+# --- cache fixtures ---
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """Factory: own_redis(password=None) starts a RedisServer for this test alone, to kill or lock; stopped after."""
+    servers = []
+
+    def start(password: str | None = None) -> RedisServer:
+        server = RedisServer(tmp_path, password=password)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def spawn_redis(tmp_path):
+    """Factory: spawn_redis(url, *args) runs redis-server with extra args (unix socket, TLS) until `url` answers."""
+    procs = []
+
+    def spawn(url: str, *args: str) -> redis.Redis:
+        base = [redis_binary(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+        procs.append(subprocess.Popen([*base, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return client
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server {' '.join(args)} did not start")
+
+    yield spawn
+    for proc in procs:
+        proc.kill()
+        proc.wait(5)
+
+
+@pytest.fixture
+def silent_redis_url():
+    """A redis:// URL whose server accepts connections and never answers (a hung Redis)."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.1)
+    held, stop = [], threading.Event()
+
+    def accept() -> None:
+        # Keep accepted sockets open and unread, so clients wait for a reply that never comes.
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    listener.close()

@@ -1,0 +1,101 @@
+"""Auth: basic and bearer against SHA-256 digests; unknown user and wrong key look the same."""
+
+import hashlib
+
+import pytest
+from click.testing import CliRunner
+from conftest import IRIS_ROWS, KEY, USER, USERS, basic_auth
+
+from app.auth import DEV_MARKER
+from app.cli import create_user
+from app.errors import StartupError
+
+BODY = {"features": IRIS_ROWS}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, basic_auth(USER, "wrong-key"), basic_auth("mallory", KEY), {"Authorization": "Bearer wrong-key"},
+     {"Authorization": "Digest abc"}, {"Authorization": "Basic !!!not-base64"}],
+    ids=["none", "wrong-key", "unknown-user", "wrong-bearer", "other-scheme", "garbled"],
+)  # fmt: skip
+def test_bad_credentials_get_the_same_401(client, headers):
+    """Every failure is the same JSON 401, whatever was wrong, so callers can't probe for user names."""
+    r = client.post("/predict", json=BODY, headers=headers)
+    assert r.status_code == 401
+    assert r.json["error"]["code"] == "unauthorized"
+    assert r.json["error"]["message"].startswith("Send valid credentials")
+    assert "WWW-Authenticate" in r.headers
+
+
+def test_basic_challenge_lets_browsers_prompt(client):
+    """Without credentials the challenge is Basic, which makes a browser show its login box."""
+    assert client.get("/models").headers["WWW-Authenticate"].startswith("Basic")
+
+
+def test_basic_and_bearer_both_work(client):
+    """The same API key works as a basic-auth password and as a bearer token."""
+    assert client.post("/predict", json=BODY, headers=basic_auth()).status_code == 200
+    assert client.post("/predict", json=BODY, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/models", "/predict"])
+def test_model_routes_require_auth(client, path):
+    """Model routes answer 401 without credentials."""
+    assert client.open(path, method="GET" if path == "/models" else "POST", json=BODY).status_code == 401
+
+
+def test_users_file_and_env_are_merged(make_app, tmp_path):
+    """Users come from SIBYL_USERS and SIBYL_USERS_FILE together."""
+    other = f"bob:sha256:{hashlib.sha256(b'bob-key').hexdigest()}"
+    users_file = tmp_path / "users"
+    users_file.write_text(f"# comment\n{other}\n")
+    client = make_app(SIBYL_USERS_FILE=str(users_file)).test_client()
+    assert client.post("/predict", json=BODY, headers=basic_auth("bob", "bob-key")).status_code == 200
+    assert client.post("/predict", json=BODY, headers=basic_auth()).status_code == 200
+
+
+@pytest.mark.parametrize("entry", ["alice:plaintext-password", "alice:sha256:abc", "alice:md5:" + "0" * 64])
+def test_malformed_user_entry_stops_startup_without_echo(make_app, entry):
+    """A bad entry stops startup; the message never repeats the entry (it may be a pasted password)."""
+    with pytest.raises(StartupError) as e:
+        make_app(SIBYL_USERS=entry)
+    assert entry.split(":", 1)[1] not in str(e.value)
+
+
+def test_production_refuses_no_users(make_app):
+    """SIBYL_ENV=production will not start with nobody able to log in."""
+    with pytest.raises(StartupError, match="no users configured"):
+        make_app(SIBYL_ENV="production", SIBYL_USERS="")
+
+
+def test_production_refuses_dev_credentials(make_app, tmp_path):
+    """The credentials `make run` generates are refused in production."""
+    users_file = tmp_path / "users"
+    users_file.write_text(f"{DEV_MARKER}\n{USERS}\n")
+    with pytest.raises(StartupError, match="development credentials"):
+        make_app(SIBYL_ENV="production", SIBYL_USERS="", SIBYL_USERS_FILE=str(users_file))
+    assert make_app(SIBYL_ENV="production").extensions["sibyl.users"]  # real users are fine
+
+
+def test_development_without_users_rejects_everyone(make_app):
+    """With no users in development the app starts, and every model route is 401."""
+    client = make_app(SIBYL_USERS="").test_client()
+    assert client.post("/predict", json=BODY, headers=basic_auth()).status_code == 401
+
+
+def test_create_user_command_issues_a_working_key(make_app, tmp_path):
+    """`create-user` prints a key once and writes only its digest; the key then authenticates."""
+    users_file = tmp_path / "users"
+    out = CliRunner().invoke(create_user, ["carol", "--file", str(users_file)]).output
+    key = next(line.split()[1] for line in out.splitlines() if line.startswith("key:"))
+    assert key not in users_file.read_text()
+    assert users_file.stat().st_mode & 0o077 == 0
+    client = make_app(SIBYL_USERS="", SIBYL_USERS_FILE=str(users_file)).test_client()
+    assert client.post("/predict", json=BODY, headers=basic_auth("carol", key)).status_code == 200
+    assert client.post("/predict", json=BODY, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_create_user_refuses_separator_in_name():
+    """Names can't contain the entry separators."""
+    assert CliRunner().invoke(create_user, ["a:b"]).exit_code != 0

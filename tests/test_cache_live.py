@@ -1,0 +1,129 @@
+"""The prediction cache under real gunicorn workers and a real redis-server: shared hits, outages, recovery."""
+
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+import requests
+from conftest import IRIS_ROWS
+
+# Rows the load run repeats (so some answers come from the cache) beside unique random ones.
+REPEATED = [*IRIS_ROWS, [5.9, 3.0, 4.2, 1.5], [6.3, 2.5, 5.0, 1.9]]
+
+
+def served_by(server, request_id: str) -> dict:
+    """The request log line of one request (the line is written before the response leaves the worker)."""
+    (line,) = [x for x in server.log_lines() if x.get("message") == "request" and x["request_id"] == request_id]
+    return line
+
+
+def redis_sockets(pid: int, port: int) -> set[int]:
+    """Inodes of the TCP sockets process `pid` holds open to 127.0.0.1:`port`, read from /proc."""
+    fds = Path(f"/proc/{pid}/fd")
+    mine = set()
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed while we looked
+        if target.startswith("socket:["):
+            mine.add(int(target[8:-1]))
+    remote = f"0100007F:{port:04X}"
+    rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    return {int(f[9]) for f in map(str.split, rows) if f[2] == remote and int(f[9]) in mine}
+
+
+def test_workers_share_cached_rows(live_server, redis_server, redis_url):
+    """A row one worker predicted is a hit in the other: the cache is Redis, reached from each forked worker."""
+    server = live_server(env={"REDIS_URL": redis_url, "CACHE_TIMEOUT_MS": "1000"}, workers=2)
+    for n, row in enumerate(REPEATED[:2]):
+        warm = server.predict({"features": [row]}, headers={"X-Request-ID": f"warm-{n}"})
+        assert warm.headers["X-Cache"] == "MISS"
+        warmer = served_by(server, f"warm-{n}")["pid"]
+        # Fresh connections land on either worker; ask until the other one has answered (bounded).
+        seen = []
+        deadline = time.monotonic() + 15
+        for i in range(100):
+            rid = f"probe-{n}-{i}"
+            resp = server.predict({"features": [row]}, headers={"X-Request-ID": rid})
+            seen.append((served_by(server, rid)["pid"], resp.headers["X-Cache"]))
+            if seen[-1][0] != warmer or time.monotonic() > deadline:
+                break
+        assert seen[-1][0] != warmer, "every request landed on one worker"
+        assert {outcome for _, outcome in seen} == {"HIT"}
+
+    # Each worker opened its own connection after the fork; the master (which loaded the app) holds none.
+    workers = {x["pid"] for x in server.log_lines() if x.get("message") == "request"}
+    assert len(workers) == 2
+    assert redis_sockets(server.proc.pid, redis_server.port) == set()
+    a, b = (redis_sockets(pid, redis_server.port) for pid in workers)
+    assert a and b
+    assert not a & b
+
+
+def test_redis_outage_under_load_serves_uncached_and_recovers(live_server, own_redis):
+    """Killing Redis under load fails no request; after a restart on the same port both workers hit again."""
+    redis_server = own_redis()
+    server = live_server(
+        env={"REDIS_URL": redis_server.url, "CACHE_RETRY_SECONDS": "0.5", "CACHE_TIMEOUT_MS": "500"}, workers=2
+    )
+    results: list[tuple] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 2.5
+
+    def load(seed: int) -> None:
+        """Requests on fresh connections (so both workers serve) until the deadline, at most 400 each."""
+        rng = random.Random(seed)
+        for _ in range(400):
+            if time.monotonic() > stop_at:
+                return
+            repeat = rng.random() < 0.5
+            row = rng.choice(REPEATED) if repeat else [round(rng.uniform(4, 8), 3) for _ in range(4)]
+            try:
+                resp = server.predict({"features": [row]}, timeout=5)
+                outcome = (resp.status_code, resp.headers.get("X-Cache"))
+            except requests.RequestException as e:
+                outcome = (type(e).__name__, None)
+            with lock:
+                results.append(outcome)
+
+    threads = [threading.Thread(target=load, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.7)
+    redis_server.stop()
+    time.sleep(0.8)
+    redis_server.start()
+    for t in threads:
+        t.join(15)
+
+    assert not any(t.is_alive() for t in threads)
+    assert len(results) >= 40, "the load run barely ran"
+    assert {status for status, _ in results} == {200}
+    outcomes = {outcome for _, outcome in results}
+    assert {"HIT", "OFF"} <= outcomes  # cached before the kill, uncached during the outage
+
+    # Hits resume in both workers without restarting gunicorn (the breaker re-probes after 0.5 s).
+    before = {x["pid"] for x in server.log_lines() if x.get("message") == "request"}
+    hit_pids = set()
+    deadline = time.monotonic() + 10
+    for i in range(200):
+        if len(hit_pids) == 2 or time.monotonic() > deadline:
+            break
+        rid = f"after-{i}"
+        resp = server.predict({"features": [REPEATED[0]]}, headers={"X-Request-ID": rid})
+        assert resp.status_code == 200
+        if resp.headers["X-Cache"] == "HIT":
+            hit_pids.add(served_by(server, rid)["pid"])
+    assert len(hit_pids) == 2
+    assert hit_pids <= before  # the same two workers, not replacements
+    assert server.proc.poll() is None
+
+    # Each worker that saw the outage logged it once and its recovery once, never once per request.
+    messages = [x["message"] for x in server.log_lines()]
+    down = sum(m.startswith("cache down") for m in messages)
+    up = sum(m.startswith("cache back up") for m in messages)
+    assert 1 <= down <= 2
+    assert up == down

@@ -1,0 +1,81 @@
+"""A real gunicorn with 2 workers over real sockets: the README's curl, both workers, same errors as in-process."""
+
+import signal
+import subprocess
+import threading
+
+import requests
+from conftest import IRIS_ROWS, KEY, USER, basic_auth
+
+
+def test_readme_curl_shape_works(live_server, tmp_path):
+    """The README's curl command, run as printed (with the test user), answers the documented body."""
+    server = live_server()
+    out = subprocess.run(
+        ["curl", "-s", "-u", f"{USER}:{KEY}", "-X", "POST", "-H", "Content-Type: application/json",
+         "-d", '{"features": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}', f"{server.url}/predict"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert out == '{"predictions":["setosa","virginica"],"model":{"name":"iris","version":"1"}}'
+
+
+def test_both_workers_answer(live_server):
+    """Requests on fresh connections are spread over both workers, and each gives the same answer."""
+    server = live_server(workers=2)
+    answers = set()
+
+    def call():
+        for _ in range(20):
+            answers.add(server.predict({"features": IRIS_ROWS}).text)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    pids = {line["pid"] for line in server.log_lines() if line.get("message") == "request"}
+    assert len(pids) == 2
+    assert len(answers) == 1 and "virginica" in answers.pop()
+
+
+def test_errors_over_http_match_in_process(live_server, client):
+    """Auth, routing, media-type, size and validation errors are the same JSON over a real socket."""
+    server = live_server({"MAX_BODY_BYTES": "2000"})
+    cases = [
+        ("post", "/predict", {"json": {"features": IRIS_ROWS}}),
+        ("post", "/predict", {"json": {"features": [[1, 2]]}, "headers": basic_auth()}),
+        ("post", "/predict", {"data": "x", "headers": {**basic_auth(), "Content-Type": "text/plain"}}),
+        ("get", "/nope", {}),
+        ("get", "/predict", {}),
+    ]
+    for method, path, kw in cases:
+        live = requests.request(method, server.url + path, timeout=10, **kw)
+        local = client.open(path, method=method.upper(), **{k.replace("data", "data"): v for k, v in kw.items()})
+        assert live.status_code == local.status_code
+        assert live.json()["error"]["code"] == local.json["error"]["code"]
+        assert live.json()["error"]["message"] == local.json["error"]["message"]
+        assert live.headers["Content-Type"] == "application/json"
+    big = {"features": IRIS_ROWS * 100}
+    r = requests.post(server.url + "/predict", json=big, headers=basic_auth(), timeout=10)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+def test_bearer_and_request_id_over_http(live_server):
+    """Bearer tokens work through gunicorn, and X-Request-ID is echoed and logged."""
+    server = live_server()
+    r = requests.post(server.url + "/predict", json={"features": IRIS_ROWS}, timeout=10,
+                      headers={"Authorization": f"Bearer {KEY}", "X-Request-ID": "trace-42"})  # fmt: skip
+    assert r.status_code == 200 and r.headers["X-Request-ID"] == "trace-42"
+    line = next(line for line in server.log_lines() if line.get("request_id") == "trace-42")
+    assert (line["user"], line["status"], line["rows"]) == (USER, 200, 2)
+
+
+def test_no_control_socket_and_graceful_stop(live_server, tmp_path):
+    """gunicorn writes no control socket into HOME, and SIGTERM lets it exit cleanly."""
+    server = live_server({"HOME": str(tmp_path)})
+    assert server.predict({"features": IRIS_ROWS}).status_code == 200
+    server.stop(signal.SIGTERM)
+    assert server.proc.returncode == 0
+    # Workers must exit cleanly: onnxruntime loaded before fork made them abort or hang here.
+    assert "SIGABRT" not in server.err_path.read_text() and "terminate called" not in server.err_path.read_text()
+    assert not (tmp_path / ".gunicorn").exists()

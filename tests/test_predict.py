@@ -1,0 +1,112 @@
+"""POST /predict contract: request shapes, response shape, probabilities, labels as the model's own."""
+
+import joblib
+import numpy as np
+import pytest
+from conftest import IRIS_ROWS, basic_auth
+from sklearn.linear_model import LinearRegression, LogisticRegression
+
+NAMED = [
+    {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2},
+    {"petal_width": 2.3, "petal_length": 5.2, "sepal_width": 3.0, "sepal_length": 6.7},  # any key order
+]
+
+
+def post(client, body, path="/predict", **kw):
+    """POST JSON with the test user's credentials."""
+    return client.post(path, json=body, headers=basic_auth(), **kw)
+
+
+def test_seed_example_two_feature_model(make_app, make_model):
+    """The seed's exact request against a 2-feature model answers one prediction per row."""
+    client = make_app(MODEL_PATH=str(make_model(LogisticRegression()))).test_client()
+    r = post(client, {"features": [[1.0, 2.0], [3.0, 4.0]]})
+    assert r.status_code == 200
+    assert len(r.json["predictions"]) == 2
+    assert r.json["model"] == {"name": "tiny", "version": "1"}
+
+
+def test_predictions_match_the_estimator(client, iris_path):
+    """Answers are the model's own predict() output, in request order, with its string labels."""
+    expected = joblib.load(iris_path).predict(np.array(IRIS_ROWS)).tolist()
+    r = post(client, {"features": IRIS_ROWS})
+    assert r.json == {"predictions": expected, "model": {"name": "iris", "version": "1"}}
+    assert expected == ["setosa", "virginica"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"features": IRIS_ROWS},
+        {"instances": IRIS_ROWS},
+        {"instances": NAMED},
+        {"instances": [IRIS_ROWS[0], NAMED[1]]},
+    ],
+    ids=["features", "instances-lists", "instances-named", "mixed"],
+)
+def test_request_shapes_agree(client, body):
+    """Lists, named objects in any key order, and mixes all mean the same rows."""
+    assert post(client, body).json["predictions"] == ["setosa", "virginica"]
+
+
+def test_flat_row_is_one_instance(client):
+    """{"features": [a, b, c, d]} is a single instance, not four."""
+    assert post(client, {"features": IRIS_ROWS[1]}).json["predictions"] == ["virginica"]
+
+
+@pytest.mark.parametrize("how", ["body", "query"])
+def test_probabilities_map_per_row(client, how):
+    """Probabilities come as one {class: p} map per row, from the body flag or ?probabilities=true."""
+    if how == "body":
+        r = post(client, {"features": IRIS_ROWS, "probabilities": True})
+    else:
+        r = post(client, {"features": IRIS_ROWS}, query_string={"probabilities": "true"})
+    assert r.status_code == 200
+    probs = r.json["probabilities"]
+    assert len(probs) == 2
+    for label, p in zip(r.json["predictions"], probs):
+        assert set(p) == {"setosa", "versicolor", "virginica"}
+        assert sum(p.values()) == pytest.approx(1.0)
+        assert max(p, key=p.get) == label
+
+
+def test_probabilities_absent_unless_asked(client):
+    """Without the flag the response carries only predictions and model."""
+    assert "probabilities" not in post(client, {"features": IRIS_ROWS}).json
+
+
+def test_integer_labels_stay_integers(make_app, make_model):
+    """A model trained on 0/1 labels answers 0/1 numbers, not strings."""
+    client = make_app(MODEL_PATH=str(make_model(LogisticRegression(), name="ints"))).test_client()
+    r = post(client, {"features": [[3.0, 3.0], [-3.0, -3.0]], "probabilities": True})
+    assert r.json["predictions"] == [1, 0]
+    assert set(r.json["probabilities"][0]) == {"0", "1"}
+
+
+def test_regressor_values_and_no_probabilities(make_app, make_model):
+    """A regressor returns numbers; asking it for probabilities is a clear 400."""
+    path = make_model(LinearRegression(), n_features=3, name="reg", classify=False)
+    client = make_app(MODEL_PATH=str(path)).test_client()
+    r = post(client, {"features": [[1.0, 1.0, 1.0]]})
+    assert r.json["predictions"] == [pytest.approx(6.5)]
+    r = post(client, {"features": [[1.0, 1.0, 1.0]], "probabilities": True})
+    assert r.status_code == 400
+    assert "no probabilities" in r.json["error"]["message"]
+
+
+def test_models_lists_metadata(client):
+    """GET /models describes the served model, its backend and nothing on the server's disk."""
+    r = client.get("/models", headers=basic_auth())
+    (model,) = r.json["models"]
+    assert model["name"] == "iris"
+    assert model["feature_names"] == ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+    assert model["classes"] == ["setosa", "versicolor", "virginica"]
+    assert model["backend"] in {"onnx", "sklearn"}
+    assert len(model["sha256"]) == 64
+    assert "path" not in model and "sample_rows" not in model
+
+
+def test_health_and_ready_need_no_auth(client):
+    """Probes answer without credentials and reveal nothing about the model."""
+    assert client.get("/health").json == {"status": "ok"}
+    assert client.get("/ready").json == {"status": "ready", "model": "loaded", "cache": "off"}

@@ -1,0 +1,61 @@
+"""One JSON line per request: who, what, how long, which model, cache outcome; never secrets."""
+
+import json
+
+from conftest import IRIS_ROWS, KEY, USER, basic_auth
+
+
+def request_lines(out: str) -> list[dict]:
+    """Request log lines from captured stdout."""
+    lines = [json.loads(raw) for raw in out.splitlines() if raw.startswith("{")]
+    return [line for line in lines if line["message"] == "request"]
+
+
+def test_one_line_per_request_with_fields(client, capsys):
+    """A prediction logs exactly one line with the documented fields."""
+    capsys.readouterr()
+    r = client.post("/predict", json={"features": IRIS_ROWS}, headers=basic_auth())
+    (line,) = request_lines(capsys.readouterr().out)
+    assert line["request_id"] == r.headers["X-Request-ID"]
+    assert line["user"] == USER
+    assert (line["method"], line["path"], line["status"]) == ("POST", "/predict", 200)
+    assert (line["rows"], line["model"], line["version"], line["cache"]) == (2, "iris", "1", "OFF")
+    assert line["duration_ms"] > 0
+    assert {"time", "level", "remote_addr", "pid", "cache_hits"} <= set(line)
+
+
+def test_request_id_is_taken_or_made(client):
+    """A sane X-Request-ID is echoed; a missing or unsafe one is replaced by a generated id."""
+    assert client.get("/health", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+    for sent in ({}, {"X-Request-ID": "bad id\twith spaces"}, {"X-Request-ID": "x" * 200}):
+        rid = client.get("/health", headers=sent).headers["X-Request-ID"]
+        assert len(rid) == 32 and rid != sent.get("X-Request-ID")
+
+
+def test_secrets_and_bodies_never_logged(client, capsys):
+    """Neither the key, the Authorization header nor the body's values appear in the log."""
+    capsys.readouterr()
+    client.post("/predict", json={"features": [[1.2345678, 2, 3, 4]]}, headers=basic_auth())
+    client.post("/predict", json={"features": [[1.2345678, 2, 3, 4]]}, headers=basic_auth(USER, "wrong-key-zz"))
+    client.post("/predict", json={"features": [[1.2345678, 2, 3, 4]]}, headers={"Authorization": f"Bearer {KEY}"})
+    out = capsys.readouterr().out
+    for secret in (KEY, "wrong-key-zz", "1.2345678", "Basic ", "Bearer "):
+        assert secret not in out
+
+
+def test_failed_auth_logged_without_user(client, capsys):
+    """A 401 is logged with status 401 and no user."""
+    capsys.readouterr()
+    client.post("/predict", json={"features": IRIS_ROWS}, headers=basic_auth("mallory", "x"))
+    (line,) = request_lines(capsys.readouterr().out)
+    assert (line["status"], line["user"]) == (401, None)
+
+
+def test_text_format_and_debug_steps(make_app, capsys):
+    """LOG_FORMAT=text writes key=value lines; LOG_LEVEL=DEBUG adds per-step timings."""
+    client = make_app(LOG_FORMAT="text", LOG_LEVEL="DEBUG").test_client()
+    capsys.readouterr()
+    client.post("/predict", json={"features": IRIS_ROWS}, headers=basic_auth())
+    out = capsys.readouterr().out
+    assert " status=200 " in out and "steps_ms=" in out and not out.lstrip().startswith("{")
+    make_app()  # later tests expect the default JSON/INFO logging
