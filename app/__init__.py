@@ -34,4 +34,5 @@ def create_app(config: dict | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(native.bp)
     app.cli.add_command(cli.create_user)
+    app.cli.add_command(cli.register)
     return app

@@ -1,4 +1,4 @@
-"""Operator commands: `flask create-user NAME` (or `python -m app.cli create-user NAME`)."""
+"""Operator commands: `python -m app.cli create-user NAME`, `python -m app.cli register model.joblib`."""
 
 from pathlib import Path
 
@@ -28,12 +28,34 @@ def create_user(name: str, users_file: str | None, dev: bool) -> None:
     click.echo(f"config entry (SIBYL_USERS or a line of SIBYL_USERS_FILE): {entry}")
 
 
+@click.command("register")
+@click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", help="Model name (default: the file name).")
+@click.option("--version", "version", default="1", show_default=True, help="Model version.")
+@click.option("--features", help="Comma-separated feature names, if the model wasn't fitted on a DataFrame.")
+def register(artifact: str, name: str | None, version: str, features: str | None) -> None:
+    """Write the metadata (sha256, features, classes) Sibyl needs beside a model you trust."""
+    import joblib
+
+    from app.registry import load_model, write_metadata
+
+    path = Path(artifact)
+    # Unpickling runs code: this is the one place Sibyl opens an unverified artifact, at your request.
+    estimator = joblib.load(path)
+    names = [f.strip() for f in features.split(",")] if features else None
+    write_metadata(estimator, path, name or path.stem, version, names)
+    model = load_model(path)  # the same checks startup will make
+    click.echo(f"wrote {path.with_suffix('.json')}: {model.name} {model.version}, {model.n_features} features")
+    click.echo(f"serve it with: MODEL_PATH={path} make run")
+
+
 @click.group()
 def main() -> None:
     """Sibyl operator commands that need no running app."""
 
 
 main.add_command(create_user)
+main.add_command(register)
 
 if __name__ == "__main__":
     main()

@@ -80,10 +80,22 @@ def save_model(
     feature_names: list[str] | None = None,
     sample_rows: np.ndarray | None = None,
 ) -> dict:
-    """Dump an estimator and write its metadata (with sha256) beside it; return the metadata."""
+    """Dump an estimator and write its metadata beside it; return the metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     joblib.dump(estimator, path)
+    return write_metadata(estimator, path, name, version, feature_names, sample_rows)
+
+
+def write_metadata(
+    estimator: Any,
+    path: Path,
+    name: str,
+    version: str,
+    feature_names: list[str] | None = None,
+    sample_rows: np.ndarray | None = None,
+) -> dict:
+    """Write the metadata file (with the artifact's sha256) for an estimator already dumped at path."""
     classes = getattr(estimator, "classes_", None)
     meta = {
         "name": name,
@@ -91,7 +103,7 @@ def save_model(
         "artifact": path.name,
         "sha256": file_sha256(path),
         "sklearn_version": sklearn.__version__,
-        "feature_names": list(feature_names) if feature_names is not None else None,
+        "feature_names": list(feature_names) if feature_names is not None else _estimator_feature_names(estimator),
         "classes": np.asarray(classes).tolist() if classes is not None else None,
         "task": "classification" if classes is not None else "regression",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

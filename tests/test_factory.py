@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, USERS
+from conftest import ROOT, USERS, basic_auth
 
 from app import create_app
 from app.registry import ModelError, file_sha256
@@ -104,3 +104,21 @@ def test_bad_numeric_setting_stops_with_one_line(name, value, tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import config"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"sibyl: cannot start: {name}={value!r} must be a whole number >= 1"]
+
+
+def test_register_makes_a_bare_joblib_servable(make_app, tmp_path):
+    """`register` writes the metadata a plain joblib file lacks; the app then serves it."""
+    import joblib
+    from click.testing import CliRunner
+    from sklearn.linear_model import LogisticRegression
+
+    from app.cli import register
+
+    path = tmp_path / "churn.joblib"
+    joblib.dump(LogisticRegression().fit([[0, 0], [1, 1], [0, 1], [1, 0]], ["stay", "go", "stay", "go"]), path)
+    result = CliRunner().invoke(register, [str(path), "--version", "7", "--features", "tenure,spend"])
+    assert result.exit_code == 0, result.output
+    client = make_app(MODEL_PATH=str(path)).test_client()
+    r = client.post("/predict", json={"instances": [{"spend": 1, "tenure": 1}]}, headers=basic_auth())
+    assert r.json["model"] == {"name": "churn", "version": "7"}
+    assert r.json["predictions"][0] in {"stay", "go"}
