@@ -211,20 +211,25 @@ class LiveServer:
         return requests.post(self.url + "/predict", json=body, headers={**basic_auth(), **(headers or {})}, **kw)
 
 
-@pytest.fixture
-def live_server(tmp_path, iris_path):
-    """Factory: live_server(env={...}, workers=2) starts gunicorn serving iris; all are stopped at teardown."""
+def started(make):
+    """Fixture body for factories: yield start(*args) that makes and starts a server; stop them all after."""
     servers = []
 
-    def start(env: dict | None = None, workers: int = 2) -> LiveServer:
-        base = {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""}
-        server = LiveServer(tmp_path, {**base, **(env or {})}, workers)
+    def start(*args, **kwargs):
+        server = make(*args, **kwargs)
         servers.append(server)
         return server.start()
 
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def live_server(tmp_path, iris_path):
+    """Factory: live_server(env={...}, workers=2) starts gunicorn serving iris; all are stopped at teardown."""
+    base = {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""}
+    yield from started(lambda env=None, workers=2: LiveServer(tmp_path, {**base, **(env or {})}, workers))
 
 
 # --- cache fixtures ---
@@ -233,16 +238,7 @@ def live_server(tmp_path, iris_path):
 @pytest.fixture
 def own_redis(tmp_path):
     """Factory: own_redis(password=None) starts a RedisServer for this test alone, to kill or lock; stopped after."""
-    servers = []
-
-    def start(password: str | None = None) -> RedisServer:
-        server = RedisServer(tmp_path, password=password)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop()
+    yield from started(lambda password=None: RedisServer(tmp_path, password=password))
 
 
 @pytest.fixture
