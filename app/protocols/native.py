@@ -26,7 +26,9 @@ def predict() -> Response:
     if proba and not model.has_proba:
         raise invalid(f"model {model.name} is a {model.task} model and gives no probabilities; drop 'probabilities'")
     X = to_matrix(body[field], model, current_app.config["MAX_ROWS"], field)
-    result = pipeline.predict(model, X, proba, bypass_cache=bool(request.cache_control.no_cache))
+    # Parse Cache-Control only when sent: werkzeug's parser costs more than the rest of a cache hit.
+    bypass = "Cache-Control" in request.headers and bool(request.cache_control.no_cache)
+    result = pipeline.predict(model, X, proba, bypass_cache=bypass)
     payload = {"predictions": result.predictions, "model": {"name": model.name, "version": model.version}}
     if result.probabilities is not None:
         payload["probabilities"] = result.probabilities
@@ -56,7 +58,7 @@ def _wants_probabilities(body: dict) -> bool:
     flag = body.get("probabilities", False)
     if type(flag) is not bool:
         raise invalid("'probabilities' must be true or false")
-    arg = request.args.get("probabilities", "").lower()
+    arg = request.args.get("probabilities", "").lower() if request.query_string else ""
     if arg not in _TRUE | _FALSE:
         raise invalid("?probabilities= must be true or false")
     return flag or arg in _TRUE
