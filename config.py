@@ -53,6 +53,8 @@ class Config:
     CACHE_ENABLED = _flag("CACHE_ENABLED", True)
     CACHE_TTL = _number("CACHE_TTL", "3600", minimum=1)
     CACHE_PREFIX = _env("CACHE_PREFIX", "sibyl:")
+    # Answers each worker also keeps in memory, so a repeated row costs no Redis round trip (0 turns it off).
+    CACHE_LOCAL_ENTRIES = _number("CACHE_LOCAL_ENTRIES", "10000")
     # Redis must answer within this, or the request is served uncached.
     CACHE_TIMEOUT_MS = _number("CACHE_TIMEOUT_MS", "50", minimum=1)
     # After a Redis failure, skip the cache this long before probing again.

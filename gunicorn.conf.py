@@ -13,11 +13,11 @@ bind = os.environ.get("BIND", "127.0.0.1:8000")
 # Prediction is CPU-bound and holds the GIL, so one process per core is the throughput sweet spot.
 workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
 
-# gthread with one thread keeps HTTP keep-alive (sync workers close every connection), which saves
-# backend callers a TCP handshake per request; more threads would only contend for the GIL.
-worker_class = "gthread"
-threads = int(os.environ.get("THREADS", "1"))
-keepalive = 5
+# sync workers: one request at a time per process, taken from the shared listen socket, so load spreads
+# evenly. gthread keeps keep-alive connections on whichever worker accepted them first; under `make bench`
+# half the runs put all 8 connections on one worker and left the other idle. For client keep-alive and
+# slow-client buffering, put nginx (or any reverse proxy) in front, as gunicorn's docs advise for sync workers.
+worker_class = os.environ.get("WORKER_CLASS", "sync")
 
 # Load the model once in the master; forked workers share its memory pages copy-on-write, and a
 # broken model stops the master before any worker starts.
@@ -28,9 +28,10 @@ timeout = 30
 # On SIGTERM, let in-flight requests finish before workers exit (rolling deploys).
 graceful_timeout = 30
 
-# Recycle workers now and then to bound slow leaks; jitter so they don't all restart at once.
-max_requests = 20000
-max_requests_jitter = 2000
+# Recycle workers now and then to bound slow leaks (every few minutes at full load, not every few
+# seconds: each restart re-forks and reopens the ONNX session); jitter so they don't restart together.
+max_requests = 200000
+max_requests_jitter = 20000
 
 # gunicorn 27 opens a control socket in the home folder by default; we use signals instead.
 control_socket_disable = True
@@ -46,4 +47,6 @@ loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 
 def post_worker_init(worker):
     """Open per-process resources (the onnxruntime session) in each worker before its first request."""
-    worker.wsgi.extensions["sibyl.model"].backend.warm()
+    model = getattr(worker.wsgi, "extensions", {}).get("sibyl.model")
+    if model is not None:  # other WSGI apps (the benchmark's ceilings) share this file
+        model.backend.warm()

@@ -26,6 +26,7 @@ def create_app(config: dict | None = None) -> Flask:
         prefix=app.config["CACHE_PREFIX"],
         timeout_ms=app.config["CACHE_TIMEOUT_MS"],
         retry_seconds=app.config["CACHE_RETRY_SECONDS"],
+        local_entries=app.config["CACHE_LOCAL_ENTRIES"],
     )
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
     from app import cli, health

@@ -5,8 +5,10 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
+import orjson
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -55,7 +57,9 @@ class _Breaker:
 class PredictionCache:
     """Rows in, stored answers out; circuit breakers keep a failing Redis from costing each request."""
 
-    def __init__(self, url: str, ttl: int, prefix: str, timeout_ms: int, retry_seconds: float) -> None:
+    def __init__(
+        self, url: str, ttl: int, prefix: str, timeout_ms: int, retry_seconds: float, local_entries: int = 0
+    ) -> None:
         if ttl < 1:
             raise StartupError("CACHE_TTL must be at least 1 second (set CACHE_ENABLED=false to turn caching off)")
         self.url = url
@@ -70,6 +74,11 @@ class PredictionCache:
         self._client = None
         self._pid = None
         self._store = None
+        # This worker's own copy of recent answers, so a repeated row costs no round trip. An answer is a pure
+        # function of its key (model sha256, backend, kind, row), so a local copy is never wrong, only kept
+        # no longer than Redis would keep it.
+        self.local_entries = local_entries
+        self._local: dict[str, tuple[float, object]] = {}
 
     @property
     def state(self) -> str:
@@ -95,6 +104,48 @@ class PredictionCache:
         head = f"{self.prefix}{scope}:"
         blake = hashlib.blake2b
         return [head + blake(data[i : i + width], digest_size=16).hexdigest() for i in range(0, len(data), width)]
+
+    def lookup(self, keys: list[str], valid: Callable[[object], bool]) -> tuple[list, bool]:
+        """Answers for keys (None where absent) from this worker's memory, then Redis; and whether Redis answered.
+
+        A stored value that doesn't decode, or that `valid` rejects (another version's format), is a miss.
+        """
+        now = time.monotonic()
+        local = self._local
+        values = [None] * len(keys)
+        for i, key in enumerate(keys):
+            entry = local.get(key)
+            if entry is not None and entry[0] > now:
+                values[i] = entry[1]
+        missing = [i for i, v in enumerate(values) if v is None]
+        if not missing:
+            return values, True
+        stored = self.get_many([keys[i] for i in missing])
+        if stored is None:
+            return values, False
+        for i, raw in zip(missing, stored):
+            if raw is not None:
+                value = _decode(raw)
+                if value is not None and valid(value):
+                    values[i] = value
+                    self._remember(keys[i], value, now)
+        return values, True
+
+    def store(self, items: list[tuple[str, object]]) -> None:
+        """Keep fresh answers in this worker's memory and in Redis (one round trip)."""
+        now = time.monotonic()
+        for key, value in items:
+            self._remember(key, value, now)
+        self.set_many([(key, orjson.dumps(value)) for key, value in items])
+
+    def _remember(self, key: str, value: object, now: float) -> None:
+        """Add to the local copy, dropping the oldest entry when full."""
+        if not self.local_entries:
+            return
+        local = self._local
+        while len(local) >= self.local_entries:
+            local.pop(next(iter(local)), None)
+        local[key] = (now + self.ttl, value)
 
     def get_many(self, keys: list[str]) -> list[bytes | None] | None:
         """Stored values in key order in one round trip, or None when Redis can't be used."""
@@ -159,6 +210,14 @@ class PredictionCache:
         """Close a breaker, logging only the recovery."""
         if breaker.succeeded():
             log.warning("cache back up, caching resumed" if breaker is self._conn else "cache writes accepted again")
+
+
+def _decode(raw: bytes) -> object:
+    """A stored answer, or None when it isn't JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _describe(e: Exception) -> str:

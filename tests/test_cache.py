@@ -62,10 +62,14 @@ class Service:
 
 @pytest.fixture
 def make_service(make_app, redis_url):
-    """Factory: make_service(**config) is the iris app on the per-test Redis (a generous timeout unless given)."""
+    """Factory: make_service(**config) is the iris app on the per-test Redis (a generous timeout unless given).
+
+    The worker-local tier is off unless asked for, so these tests see exactly what Redis holds.
+    """
 
     def make(**overrides) -> Service:
-        return Service(make_app(**{"REDIS_URL": redis_url, "CACHE_TIMEOUT_MS": 1000, **overrides}))
+        config = {"REDIS_URL": redis_url, "CACHE_TIMEOUT_MS": 1000, "CACHE_LOCAL_ENTRIES": 0}
+        return Service(make_app(**{**config, **overrides}))
 
     return make
 
@@ -465,3 +469,66 @@ def test_redis_url_forms_reach_the_server(make_service, tmp_path, spawn_redis, o
     assert cache_header(svc.predict([ROW_A])) == ("HIT", "1")
     (key,) = server.keys("*")
     assert key.startswith(b"sibyl:")
+
+
+# --- the worker-local tier (CACHE_LOCAL_ENTRIES) ---
+
+
+def mget_calls(server) -> int:
+    """How many MGETs this Redis has answered."""
+    return server.client().info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
+
+
+def test_local_tier_answers_repeats_without_a_round_trip(make_service, own_redis):
+    """A row this worker answered before is a HIT straight from memory: no MGET, no model call."""
+    server = own_redis()
+    svc = make_service(REDIS_URL=server.url, CACHE_LOCAL_ENTRIES=100)
+    first = svc.predict([ROW_A, ROW_B], proba=True)
+    before = mget_calls(server)
+    again = svc.predict([ROW_A, ROW_B], proba=True)
+    assert cache_header(again) == ("HIT", "2")
+    assert mget_calls(server) == before
+    assert len(svc.backend.calls) == 1
+    assert again.data == first.data
+
+
+def test_local_tier_is_filled_from_redis_hits(make_service, own_redis):
+    """A row another worker stored is fetched from Redis once, then kept locally."""
+    server = own_redis()
+    make_service(REDIS_URL=server.url).predict([ROW_C])  # "another worker" (no local tier) stores it
+    svc = make_service(REDIS_URL=server.url, CACHE_LOCAL_ENTRIES=100)
+    assert cache_header(svc.predict([ROW_C])) == ("HIT", "1")
+    before = mget_calls(server)
+    assert cache_header(svc.predict([ROW_C])) == ("HIT", "1")
+    assert mget_calls(server) == before and svc.backend.calls == []
+
+
+def test_local_tier_serves_known_rows_through_a_redis_outage(make_service, own_redis):
+    """With Redis dead, rows this worker holds are still HITs; new rows are served uncached (OFF)."""
+    server = own_redis()
+    svc = make_service(REDIS_URL=server.url, CACHE_LOCAL_ENTRIES=100, CACHE_RETRY_SECONDS=60)
+    svc.predict([ROW_A])
+    server.stop()
+    assert cache_header(svc.predict([ROW_A])) == ("HIT", "1")
+    assert cache_header(svc.predict([ROW_D])) == ("OFF", "0")
+    assert cache_header(svc.predict([ROW_A, ROW_C])) == ("PARTIAL", "1")
+
+
+def test_local_tier_expires_with_the_ttl(make_service):
+    """A local copy lives no longer than CACHE_TTL, like the Redis one."""
+    svc = make_service(CACHE_LOCAL_ENTRIES=100, CACHE_TTL=1)
+    svc.predict([ROW_A])
+    assert cache_header(svc.predict([ROW_A])) == ("HIT", "1")
+    time.sleep(1.5)
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
+
+
+def test_local_tier_is_bounded(make_service, redis_server):
+    """Past CACHE_LOCAL_ENTRIES the oldest local entries are dropped."""
+    svc = make_service(CACHE_LOCAL_ENTRIES=2)
+    for row in (ROW_A, ROW_B, ROW_C):
+        svc.predict([row])
+    redis_server.client().flushall()  # only the local tier is left
+    assert cache_header(svc.predict([ROW_C])) == ("HIT", "1")
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
+    assert len(svc.app.extensions["sibyl.cache"]._local) <= 2

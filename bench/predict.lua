@@ -1,0 +1,52 @@
+-- wrk script for the Sibyl bench: POST /predict with {"features": [[...], ...]}.
+-- Arguments (after `--`): rows features seed [body]. With a body, every request sends it (the cache-hit
+-- shape). Without one, request() builds fresh rows each time from a per-thread pool of pre-formatted
+-- numbers: 4096^features combinations, so rows never repeat (every request is a cache miss), while
+-- string.format stays out of the hot loop so wrk does not eat the CPU the servers need.
+wrk.method = "POST"
+wrk.path = "/predict"
+wrk.headers["Content-Type"] = "application/json"
+
+local threads = 0
+local rows, features, pool, fixed = 1, 20, {}, nil
+
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+
+function init(args)
+  rows, features = tonumber(args[1]), tonumber(args[2])
+  -- Seeded per thread (and per run by the caller) so threads and runs never send the same rows.
+  math.randomseed(tonumber(args[3]) * 1000 + tid)
+  for i = 1, 4096 do
+    pool[i] = string.format("%.5f", math.random() * 4 - 2)
+  end
+  if args[4] then
+    fixed = wrk.format(nil, nil, nil, args[4])
+  end
+end
+
+function request()
+  if fixed then
+    return fixed
+  end
+  local out, row, random = {}, {}, math.random
+  for r = 1, rows do
+    for f = 1, features do
+      row[f] = pool[random(4096)]
+    end
+    out[r] = "[" .. table.concat(row, ",") .. "]"
+  end
+  return wrk.format(nil, nil, nil, '{"features":[' .. table.concat(out, ",") .. "]}")
+end
+
+-- One machine-readable line for bench.run; wrk's errors.status counts responses with status >= 400.
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"mean_us":%.1f,' ..
+    '"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), latency.mean,
+    e.connect, e.read, e.write, e.status, e.timeout))
+end

