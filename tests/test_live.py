@@ -4,8 +4,12 @@ import signal
 import subprocess
 import threading
 
+import orjson
+import pytest
 import requests
 from conftest import IRIS_ROWS, KEY, USER, basic_auth
+
+JSON = {"Content-Type": "application/json"}
 
 
 def test_readme_curl_shape_works(live_server, tmp_path):
@@ -55,9 +59,19 @@ def test_errors_over_http_match_in_process(live_server, client):
         assert live.json()["error"]["code"] == local.json["error"]["code"]
         assert live.json()["error"]["message"] == local.json["error"]["message"]
         assert live.headers["Content-Type"] == "application/json"
-    big = {"features": IRIS_ROWS * 100}
-    r = requests.post(server.url + "/predict", json=big, headers=basic_auth(), timeout=10)
+    big = orjson.dumps({"features": IRIS_ROWS * 100})
+    r = requests.post(server.url + "/predict", data=big, headers={**basic_auth(), **JSON}, timeout=10)
     assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(("rows", "status"), [(10, 200), (100, 413)])
+def test_chunked_body_over_limit_is_413(live_server, rows, status):
+    """A chunked body (no Content-Length) past MAX_BODY_BYTES is a 413, not a truncated-JSON 400."""
+    server = live_server({"MAX_BODY_BYTES": "2000"})
+    body = orjson.dumps({"features": IRIS_ROWS * rows})
+    chunks = (body[i : i + 500] for i in range(0, len(body), 500))  # a generator makes requests send chunked
+    r = requests.post(server.url + "/predict", data=chunks, headers={**basic_auth(), **JSON}, timeout=10)
+    assert r.status_code == status
 
 
 def test_bearer_and_request_id_over_http(live_server):

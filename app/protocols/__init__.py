@@ -1,7 +1,8 @@
 """(2) Wire formats: each protocol module turns its request into rows and a pipeline result into its reply."""
 
 import orjson
-from flask import Response, request
+from flask import Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.errors import ApiError
 from app.pipeline import Prediction
@@ -14,7 +15,14 @@ def read_json() -> dict:
     """The request body as a JSON object, or 415/413/400 saying what to send instead."""
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json.")
-    data = request.get_data(cache=False)  # raises 413 past MAX_BODY_BYTES, before reading it all
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is None and request.environ.get("wsgi.input_terminated"):
+        # A chunked body: werkzeug would cut it at the limit without a word, and it would read as broken JSON.
+        data = request.environ["wsgi.input"].read(limit + 1)
+        if len(data) > limit:
+            raise RequestEntityTooLarge()
+    else:
+        data = request.get_data(cache=False)  # raises 413 past MAX_BODY_BYTES, before reading it all
     if not data:
         raise ApiError(400, "invalid_json", 'The request body is empty; send e.g. {"features": [[...]]}.')
     try:
