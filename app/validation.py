@@ -56,8 +56,13 @@ def _named_row(row: dict, model: Model, where: str) -> list:
         raise invalid(f"{where} is missing {e.args[0]!r}; the model expects {', '.join(names)}") from None
     if len(row) != len(names):
         extra = sorted(set(row) - set(names))
-        raise invalid(f"{where} has unknown field {extra[0]!r}; the model expects {', '.join(names)}")
+        raise invalid(f"{where} has unknown field {field_name(extra[0])}; the model expects {', '.join(names)}")
     return values
+
+
+def field_name(name: str) -> str:
+    """A caller's field name for an error message, quoted and cut short (messages never carry the body)."""
+    return repr(name if len(name) <= 40 else name[:40] + "...")
 
 
 def _kind(value: object) -> str:

@@ -108,3 +108,9 @@ def test_finite_extremes_are_accepted(client, value):
     """Any finite float64 (and ints that fit one) is a valid value."""
     r = client.post("/predict", json={"features": [[value, 1, 1, 1]]}, headers=basic_auth())
     assert r.status_code == 200
+
+
+def test_long_field_names_are_cut_short(client):
+    """A field name is quoted in the message only up to 40 characters."""
+    r = client.post("/predict", json={"x" * 5000: [[1, 2, 3, 4]]}, headers=basic_auth())
+    assert r.status_code == 400 and len(r.get_data()) < 400

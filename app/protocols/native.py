@@ -5,7 +5,7 @@ from flask import Blueprint, Response, current_app, request
 from app import pipeline
 from app.auth import auth
 from app.protocols import cache_headers, json_response, read_json
-from app.validation import invalid, to_matrix
+from app.validation import field_name, invalid, to_matrix
 
 bp = Blueprint("native", __name__)
 
@@ -46,7 +46,9 @@ def _rows_field(body: dict) -> str:
     """Which key holds the rows; unknown keys are refused so a typo is not silently ignored."""
     unknown = sorted(set(body) - _KEYS)
     if unknown:
-        raise invalid(f"unknown field {unknown[0]!r}; the body takes 'features' or 'instances', and 'probabilities'")
+        raise invalid(
+            f"unknown field {field_name(unknown[0])}; the body takes 'features' or 'instances', 'probabilities'"
+        )
     present = [f for f in _FIELDS if f in body]
     if len(present) != 1:
         raise invalid('send the rows in exactly one of "features" or "instances", e.g. {"features": [[...]]}')
