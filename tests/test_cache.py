@@ -436,10 +436,13 @@ def acl_user_redis(tmp_path, spawn_redis, own_redis) -> tuple[str, redis.Redis]:
     """A redis-server where only an ACL user limited to the cache prefix may log in."""
     server = own_redis()
     admin = server.client()
-    admin.execute_command("ACL", "SETUSER", "sibyl", "on", ">acl-pw-61c0", "~sibyl:*", "+@all")
-    admin.execute_command("ACL", "SETUSER", "default", "off")  # so the URL's user is the only way in
+    # Exactly the commands the README lists for a cache ACL user.
+    perms = ["+mget", "+set", "+evalsha", "+script|load", "+ping"]
+    admin.execute_command("ACL", "SETUSER", "sibyl", "on", ">acl-pw-61c0", "~sibyl:*", *perms)
+    admin.execute_command("ACL", "SETUSER", "inspector", "on", ">insp-pw-3b9d", "~*", "+@all")  # for the test's checks
+    admin.execute_command("ACL", "SETUSER", "default", "off")  # so the service's only way in is its own user
     url = f"redis://sibyl:acl-pw-61c0@127.0.0.1:{server.port}/0"
-    return url, redis.Redis.from_url(url)
+    return url, redis.Redis.from_url(f"redis://inspector:insp-pw-3b9d@127.0.0.1:{server.port}/0")
 
 
 def tls_redis(tmp_path, spawn_redis, own_redis) -> tuple[str, redis.Redis]:
