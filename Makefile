@@ -24,6 +24,7 @@ run: $(VENV)/.runtime models/iris.joblib  ## serve the demo model on 127.0.0.1:8
 	scripts/run.sh
 
 test: $(VENV)/.dev models/iris.joblib lint  ## lint, then the whole test suite (unit + live gunicorn/Redis)
+	command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)  # the README-curl test
 	$(PY) -m pytest
 
 lint: $(VENV)/.dev
