@@ -21,6 +21,9 @@ _TREE_MODULES = ("sklearn.ensemble", "sklearn.tree")
 
 # Validation already guarantees finite float64 rows; a DataFrame-fitted model would warn on every call.
 warnings.filterwarnings("ignore", message="X does not have valid feature names")
+# Workers = cores: a BLAS or OpenMP pool per worker would oversubscribe them. Set once for the process
+# (the gunicorn master, whose forked workers inherit it), not per backend object.
+threadpool_limits(1)
 
 
 class SklearnBackend:
@@ -30,8 +33,6 @@ class SklearnBackend:
 
     def __init__(self, estimator: Any) -> None:
         self.estimator = estimator
-        # Workers = cores: a BLAS or joblib pool per worker would oversubscribe them.
-        threadpool_limits(1)
         for key in estimator.get_params(deep=True):
             if key == "n_jobs" or key.endswith("__n_jobs"):
                 estimator.set_params(**{key: 1})
@@ -55,7 +56,9 @@ class OnnxBackend:
         self.onnx_bytes = onnx_bytes
         self.dtype = dtype
         self.classes = np.asarray(model.classes) if model.classes is not None else None
-        self.reference = SklearnBackend(model.estimator) if model.has_proba else None
+        # scikit-learn itself: what verification compares against, and what answers near-tie rows.
+        self.reference = SklearnBackend(model.estimator)
+        self.check_ties = model.has_proba
         self._pid = None
 
     def warm(self) -> None:
@@ -64,8 +67,6 @@ class OnnxBackend:
         Never in the gunicorn master: a process that has merely imported onnxruntime hands its forked
         workers a runtime that aborts or hangs when they exit, so each worker opens its own after fork.
         """
-        if self._pid == os.getpid():
-            return
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -86,9 +87,9 @@ class OnnxBackend:
             y = np.asarray(out[0], dtype=np.float64)
             return (y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y), None
         # Cast labels back to the model's own label type (ONNX turns float labels into int64).
-        labels = np.array(out[0]).astype(self.classes.dtype, copy=False)
+        labels = np.asarray(out[0]).astype(self.classes.dtype, copy=False)
         p = np.asarray(out[1], dtype=np.float64)
-        if self.reference is not None and p.shape[1] > 1:
+        if self.check_ties and p.shape[1] > 1:
             # Near-ties (a forest's 50/50 vote) can break the other way after float32 summation;
             # scikit-learn answers those few rows so labels always match it exactly.
             top2 = np.partition(p, -2, axis=1)[:, -2:]
@@ -144,10 +145,9 @@ def _compiled_path(model: Model, dtype: type) -> Path:
     return model.path.parent / ".compiled" / f"{model.sha256}.{np.dtype(dtype).name}.onnx"
 
 
-def disagreement(model: Model, backend: Any, rows: np.ndarray) -> str | None:
-    """Why a backend disagrees with scikit-learn on these rows, or None if it agrees."""
-    reference = SklearnBackend(model.estimator)
-    ref_labels, ref_p = reference.predict(rows, proba=model.has_proba)
+def disagreement(model: Model, backend: OnnxBackend, rows: np.ndarray) -> str | None:
+    """Why a compiled backend disagrees with scikit-learn on these rows, or None if it agrees."""
+    ref_labels, ref_p = backend.reference.predict(rows, proba=model.has_proba)
     labels, p = backend.predict(rows, proba=model.has_proba)
     if model.classes is None:
         if not np.allclose(labels, ref_labels, rtol=1e-5, atol=PROBA_ATOL):

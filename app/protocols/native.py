@@ -12,7 +12,7 @@ bp = Blueprint("native", __name__)
 _FIELDS = ("features", "instances")
 _KEYS = {*_FIELDS, "probabilities"}
 _TRUE = {"1", "true", "yes"}
-_FALSE = {"", "0", "false", "no"}
+_FLAGS = _TRUE | {"", "0", "false", "no"}
 
 
 @bp.post("/predict")
@@ -46,9 +46,8 @@ def _rows_field(body: dict) -> str:
     """Which key holds the rows; unknown keys are refused so a typo is not silently ignored."""
     unknown = sorted(set(body) - _KEYS)
     if unknown:
-        raise invalid(
-            f"unknown field {field_name(unknown[0])}; the body takes 'features' or 'instances', 'probabilities'"
-        )
+        hint = "the body takes 'features' or 'instances', and 'probabilities'"
+        raise invalid(f"unknown field {field_name(unknown[0])}; {hint}")
     present = [f for f in _FIELDS if f in body]
     if len(present) != 1:
         raise invalid('send the rows in exactly one of "features" or "instances", e.g. {"features": [[...]]}')
@@ -61,6 +60,6 @@ def _wants_probabilities(body: dict) -> bool:
     if type(flag) is not bool:
         raise invalid("'probabilities' must be true or false")
     arg = request.args.get("probabilities", "").lower() if request.query_string else ""
-    if arg not in _TRUE | _FALSE:
+    if arg not in _FLAGS:
         raise invalid("?probabilities= must be true or false")
     return flag or arg in _TRUE
