@@ -2,6 +2,8 @@
 
 import base64
 import hashlib
+import http.client
+import json
 import os
 import signal
 import socket
@@ -184,14 +186,40 @@ class LiveServer:
 
     def log_lines(self) -> list[dict]:
         """Parsed JSON lines the app wrote to stdout (request lines have "message": "request")."""
-        import json
-
         return [json.loads(raw) for raw in self.log_path.read_text().splitlines() if raw.startswith("{")]
 
     def predict(self, body: dict, headers: dict | None = None, **kw) -> requests.Response:
         """POST /predict with the test user's credentials."""
         kw.setdefault("timeout", 10)
         return requests.post(self.url + "/predict", json=body, headers={**basic_auth(), **(headers or {})}, **kw)
+
+    def held_predict(self, body: dict, headers: dict | None = None) -> "HeldRequest":
+        """POST /predict but for the body's last byte: the sync worker that took it blocks until .finish()."""
+        return HeldRequest(self.port, body, headers or {})
+
+
+class HeldRequest:
+    """A request that pins one sync worker. The kernel hands connections out in arrival order and a blocked
+    sync worker accepts nothing, so requests sent while this one is held go to the other workers: a
+    deterministic way to reach a given worker (arrival alone lets one idle worker take every connection)."""
+
+    def __init__(self, port: int, body: dict, headers: dict) -> None:
+        data = json.dumps(body).encode()
+        self.rest = data[-1:]
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.conn.putrequest("POST", "/predict")
+        sent = {**basic_auth(), "Content-Type": "application/json", "Content-Length": str(len(data)), **headers}
+        for name, value in sent.items():
+            self.conn.putheader(name, value)
+        self.conn.endheaders(data[:-1])
+
+    def finish(self) -> tuple[int, dict, bytes]:
+        """Send the last byte; return the status, headers and body of the answer."""
+        self.conn.send(self.rest)
+        resp = self.conn.getresponse()
+        out = resp.status, dict(resp.getheaders()), resp.read()
+        self.conn.close()
+        return out
 
 
 def started(make):

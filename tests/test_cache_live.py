@@ -39,20 +39,13 @@ def test_workers_share_cached_rows(live_server, redis_server, redis_url):
     """A row one worker predicted is a hit in the other: the cache is Redis, reached from each forked worker."""
     server = live_server(env={"REDIS_URL": redis_url, "CACHE_TIMEOUT_MS": "1000"}, workers=2)
     for n, row in enumerate(REPEATED[:2]):
+        # Hold one worker on the row's request while the other predicts and stores it; then let the first go on.
+        held = server.held_predict({"features": [row]}, headers={"X-Request-ID": f"held-{n}"})
         warm = server.predict({"features": [row]}, headers={"X-Request-ID": f"warm-{n}"})
         assert warm.headers["X-Cache"] == "MISS"
-        warmer = served_by(server, f"warm-{n}")["pid"]
-        # Fresh connections land on either worker; ask until the other one has answered (bounded).
-        seen = []
-        deadline = time.monotonic() + 15
-        for i in range(100):
-            rid = f"probe-{n}-{i}"
-            resp = server.predict({"features": [row]}, headers={"X-Request-ID": rid})
-            seen.append((served_by(server, rid)["pid"], resp.headers["X-Cache"]))
-            if seen[-1][0] != warmer or time.monotonic() > deadline:
-                break
-        assert seen[-1][0] != warmer, "every request landed on one worker"
-        assert {outcome for _, outcome in seen} == {"HIT"}
+        status, headers, body = held.finish()
+        assert (status, headers["X-Cache"], body) == (200, "HIT", warm.content)
+        assert served_by(server, f"held-{n}")["pid"] != served_by(server, f"warm-{n}")["pid"]
 
     # Each worker opened its own connection after the fork; the master (which loaded the app) holds none.
     workers = {x["pid"] for x in server.log_lines() if x.get("message") == "request"}
@@ -67,7 +60,14 @@ def test_redis_outage_under_load_serves_uncached_and_recovers(live_server, own_r
     """Killing Redis under load fails no request; after a restart on the same port both workers hit again."""
     redis_server = own_redis()
     server = live_server(
-        env={"REDIS_URL": redis_server.url, "CACHE_RETRY_SECONDS": "0.5", "CACHE_TIMEOUT_MS": "500"}, workers=2
+        # No worker-local tier here: every HIT must have come from Redis.
+        env={
+            "REDIS_URL": redis_server.url,
+            "CACHE_RETRY_SECONDS": "0.5",
+            "CACHE_TIMEOUT_MS": "500",
+            "CACHE_LOCAL_ENTRIES": "0",
+        },
+        workers=2,
     )
     results: list[tuple] = []
     lock = threading.Lock()
@@ -109,14 +109,21 @@ def test_redis_outage_under_load_serves_uncached_and_recovers(live_server, own_r
     before = {x["pid"] for x in server.log_lines() if x.get("message") == "request"}
     hit_pids = set()
     deadline = time.monotonic() + 10
-    for i in range(200):
+    for i in range(100):
         if len(hit_pids) == 2 or time.monotonic() > deadline:
             break
-        rid = f"after-{i}"
-        resp = server.predict({"features": [REPEATED[0]]}, headers={"X-Request-ID": rid})
-        assert resp.status_code == 200
-        if resp.headers["X-Cache"] == "HIT":
-            hit_pids.add(served_by(server, rid)["pid"])
+        # One request held on one worker, one answered by the other: each round asks both workers.
+        held = server.held_predict({"features": [REPEATED[0]]}, headers={"X-Request-ID": f"held-{i}"})
+        free = server.predict({"features": [REPEATED[0]]}, headers={"X-Request-ID": f"free-{i}"})
+        status, headers, _ = held.finish()
+        for rid, answer in (
+            (f"free-{i}", (free.status_code, free.headers["X-Cache"])),
+            (f"held-{i}", (status, headers["X-Cache"])),
+        ):
+            assert answer[0] == 200
+            if answer[1] == "HIT":
+                hit_pids.add(served_by(server, rid)["pid"])
+        time.sleep(0.1)
     assert len(hit_pids) == 2
     assert hit_pids <= before  # the same two workers, not replacements
     assert server.proc.poll() is None

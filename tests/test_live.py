@@ -2,7 +2,6 @@
 
 import signal
 import subprocess
-import threading
 
 import orjson
 import pytest
@@ -24,22 +23,15 @@ def test_readme_curl_shape_works(live_server, tmp_path):
 
 
 def test_both_workers_answer(live_server):
-    """Requests on fresh connections are spread over both workers, and each gives the same answer."""
+    """Both workers serve (one held on a request, the other answers the next), and each gives the same answer."""
     server = live_server(workers=2)
-    answers = set()
-
-    def call():
-        for _ in range(20):
-            answers.add(server.predict({"features": IRIS_ROWS}).text)
-
-    threads = [threading.Thread(target=call) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    pids = {line["pid"] for line in server.log_lines() if line.get("message") == "request"}
-    assert len(pids) == 2
-    assert len(answers) == 1 and "virginica" in answers.pop()
+    held = server.held_predict({"features": IRIS_ROWS}, headers={"X-Request-ID": "held"})
+    free = server.predict({"features": IRIS_ROWS}, headers={"X-Request-ID": "free"})
+    status, _, body = held.finish()
+    assert (status, free.status_code) == (200, 200)
+    assert body == free.content and b"virginica" in body
+    pids = {line["request_id"]: line["pid"] for line in server.log_lines() if line.get("message") == "request"}
+    assert pids["held"] != pids["free"]
 
 
 def test_errors_over_http_match_in_process(live_server, client):
