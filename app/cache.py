@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+import hiredis
 import numpy as np
 import orjson
 import redis
@@ -19,8 +20,12 @@ from app.errors import StartupError
 log = logging.getLogger(__name__)
 
 
-# KEYS are the rows' keys; ARGV[1] is the TTL and ARGV[i + 1] the value for KEYS[i].
-_STORE_SCRIPT = "for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end"
+# KEYS are the rows' keys; ARGV[1] is the TTL and ARGV[i + 1] the value for KEYS[i]. Sent with EVAL (Redis caches
+# the compiled script by its digest), so a restarted Redis never answers NOSCRIPT to a store nobody waits for.
+_STORE_SCRIPT = b"for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end"
+# Store replies a connection may owe before a store reads them: bounds what a run of lookup-free requests
+# (Cache-Control: no-cache) leaves in the socket.
+_MAX_UNREAD = 32
 
 
 class _Breaker:
@@ -72,9 +77,9 @@ class PredictionCache:
         # writes (OOM under noeviction, a READONLY replica), where cached reads are still worth having.
         self._conn = _Breaker(retry_seconds)
         self._writes = _Breaker(retry_seconds)
-        self._client = None
+        self._pool = None
         self._pid = None
-        self._store = None
+        self._links = threading.local()
         # This worker's own copy of recent answers, so a repeated row costs no round trip. An answer is a pure
         # function of its key (model sha256, backend, kind, row), so a local copy is never wrong, only kept
         # no longer than Redis would keep it.
@@ -128,39 +133,39 @@ class PredictionCache:
         stored = self.get_many([keys[i] for i in missing])
         if stored is None:
             return values, False
+        found = []
         for i, raw in zip(missing, stored):
             if raw is not None:
                 value = _decode(raw)
                 if value is not None and valid(value):
                     values[i] = value
-                    self._remember(keys[i], value, now)
+                    found.append((keys[i], value))
+        self._remember(found, now)
         return values, True
 
     def store(self, items: list[tuple[str, object]]) -> None:
-        """Keep fresh answers in this worker's memory and in Redis (one round trip)."""
-        now = time.monotonic()
-        for key, value in items:
-            self._remember(key, value, now)
+        """Keep fresh answers in this worker's memory and send them to Redis (its reply is read later)."""
+        self._remember(items, time.monotonic())
         self.set_many(items)
 
-    def _remember(self, key: str, value: object, now: float) -> None:
-        """Add to the local copy, dropping the oldest entry when full."""
-        if not self.local_entries:
+    def _remember(self, items: list[tuple[str, object]], now: float) -> None:
+        """Add to the local copy, dropping the oldest entries past its size."""
+        if not self.local_entries or not items:
             return
-        local = self._local
-        while len(local) >= self.local_entries:
+        local, expires = self._local, now + self.ttl
+        local.update((key, (expires, value)) for key, value in items)
+        for _ in range(len(local) - self.local_entries):
             try:
                 local.popitem(last=False)
             except KeyError:  # another thread emptied it first
                 break
-        local[key] = (now + self.ttl, value)
 
     def get_many(self, keys: list[str]) -> list[bytes | None] | None:
         """Stored values in key order in one round trip, or None when Redis can't be used."""
         if not self.usable():
             return None
         try:
-            values = self._redis().mget(keys)
+            values = self._call(b"MGET", *keys)
         except (redis.RedisError, OSError) as e:
             self._failed(self._conn, e)
             return None
@@ -168,34 +173,43 @@ class PredictionCache:
         return values
 
     def set_many(self, items: list[tuple[str, object]]) -> None:
-        """Store answers with the TTL in one command and one round trip; failures only open a breaker."""
+        """Send answers with the TTL as one command, without waiting: the reply is read by this connection's
+        next call (pipelining across requests saves a miss one round trip). Failures only open a breaker."""
         if not items or not self.usable() or not self._writes.allows():
             return  # checked before encoding: a dead Redis costs no work per request
         keys, values = zip(*items)
+        link = self._link()
         try:
-            self._store(keys=keys, args=[self.ttl, *map(orjson.dumps, values)], client=self._redis())
-        except redis.ResponseError as e:  # Redis answered, but refused the write
-            self._failed(self._writes, e)
-            return
+            if link.unread >= _MAX_UNREAD:
+                self._settle(link)
+            command = (b"EVAL", _STORE_SCRIPT, len(keys), *keys, self.ttl, *map(orjson.dumps, values))
+            link.conn.send_packed_command([hiredis.pack_command(command)])
+            link.unread += 1
         except (redis.RedisError, OSError) as e:
-            self._failed(self._conn, e)
-            return
-        self._succeeded(self._writes)
+            self._lost(link, e)
+
+    def settle(self) -> None:
+        """Read the replies to this thread's stores so far: afterwards every store sent is in Redis."""
+        link = self._link()
+        try:
+            self._settle(link)
+        except (redis.RedisError, OSError) as e:
+            self._lost(link, e)
 
     def check(self) -> str:
         """Probe Redis for /ready (respecting the back-off) and return the state."""
         if self.usable():
             try:
-                self._redis().ping()
+                self._call(b"PING")
                 self._succeeded(self._conn)
             except (redis.RedisError, OSError) as e:
                 self._failed(self._conn, e)
         return self.state
 
-    def _redis(self) -> redis.Redis:
-        """The client for this process; made after fork so workers never share a socket."""
+    def _link(self) -> "_Link":
+        """This thread's connection; made after fork, so workers never share a socket."""
         if self._pid != os.getpid():
-            self._client = redis.Redis.from_url(
+            self._pool = redis.ConnectionPool.from_url(
                 self.url,
                 socket_timeout=self.timeout,
                 socket_connect_timeout=self.timeout,
@@ -203,10 +217,52 @@ class PredictionCache:
                 retry=Retry(NoBackoff(), 0),
                 health_check_interval=0,
             )
-            # One EVALSHA sets every row with its TTL: a pipeline of N SETs costs 5x more in redis-py's packing.
-            self._store = self._client.register_script(_STORE_SCRIPT)
+            self._links = threading.local()
             self._pid = os.getpid()
-        return self._client
+        link = getattr(self._links, "link", None)
+        if link is None:
+            link = self._links.link = _Link(self._pool.make_connection())
+        return link
+
+    def _call(self, *args: bytes | str) -> object:
+        """One command and its reply, after the replies this connection still owes."""
+        link = self._link()
+        while True:
+            try:
+                self._settle(link)
+                link.conn.send_packed_command([hiredis.pack_command(args)])
+                reply = link.conn.read_response()
+            except redis.ResponseError:
+                raise  # an answer: the connection is fine
+            except (redis.RedisError, OSError) as e:
+                # A connection that worked before and now fails at once (not a timeout) was closed by the
+                # server while idle: a restart, a failover, Redis's `timeout`. Reconnect once, as redis-py would.
+                stale = link.used and not isinstance(e, redis.TimeoutError)
+                self._lost(link, e, report=False)
+                if stale:
+                    continue
+                raise
+            link.used = True
+            return reply
+
+    def _settle(self, link: "_Link") -> None:
+        """Read the replies to earlier stores: a refused one opens the write breaker, an accepted one closes it."""
+        while link.unread:
+            try:
+                link.conn.read_response()
+            except redis.ResponseError as e:  # Redis answered, but refused the write (OOM, READONLY)
+                link.unread -= 1
+                self._failed(self._writes, e)
+                continue
+            link.unread -= 1
+            self._succeeded(self._writes)
+
+    def _lost(self, link: "_Link", e: Exception, report: bool = True) -> None:
+        """Drop a connection that failed mid-conversation (its unread replies with it); open the breaker."""
+        link.conn.disconnect()
+        link.unread, link.used = 0, False
+        if report:
+            self._failed(self._conn, e)
 
     def _failed(self, breaker: _Breaker, e: Exception) -> None:
         """Open a breaker, logging only the transition."""
@@ -218,6 +274,15 @@ class PredictionCache:
         """Close a breaker, logging only the recovery."""
         if breaker.succeeded():
             log.warning("cache back up, caching resumed" if breaker is self._conn else "cache writes accepted again")
+
+
+class _Link:
+    """One thread's connection to Redis and how many store replies it has not read yet."""
+
+    def __init__(self, conn: redis.Connection) -> None:
+        self.conn = conn
+        self.unread = 0
+        self.used = False  # answered before: a later instant failure means the server dropped it
 
 
 def _decode(raw: bytes) -> object:

@@ -41,7 +41,17 @@ class Service:
         self.backend = self.model.backend = CountingBackend(self.model.backend)
         self.client = app.test_client()
         url = app.config["REDIS_URL"]
-        self.redis = redis.Redis.from_url(url, socket_timeout=2) if url else None
+        self._redis = redis.Redis.from_url(url, socket_timeout=2) if url else None
+
+    def settle(self) -> None:
+        """Wait for the replies to the app's stores (they are sent without waiting), so Redis holds them."""
+        self.app.extensions["sibyl.cache"].settle()
+
+    @property
+    def redis(self) -> redis.Redis:
+        """A client on the service's Redis database, once every store sent so far has landed."""
+        self.settle()
+        return self._redis
 
     def predict(self, rows, proba: bool = False, headers: dict | None = None):
         """POST /predict with rows (or a whole body); stdlib json keeps key order and 1 vs 1.0 as written."""
@@ -108,25 +118,33 @@ def test_partial_batch_predicts_only_missing_rows(make_service, capsys):
     assert (line["cache"], line["cache_hits"], line["rows"]) == ("PARTIAL", 2, 4)
 
 
-def test_batch_uses_one_lookup_and_one_pipelined_store_with_ttl(make_service, redis_server, monkeypatch):
-    """A batch costs one MGET round trip and one pipelined round trip of SETs with the TTL, whatever its size."""
+def test_batch_waits_for_one_round_trip_and_stores_in_one_command_with_ttl(make_service, redis_server, monkeypatch):
+    """A batch sends one MGET and one store command whatever its size, and waits only for the MGET's reply:
+    the store's reply is read by the connection's next call."""
     svc = make_service(CACHE_TTL=600)
     svc.predict([ROW_A])  # opens the connection (its handshake would count) and caches one row
+    svc.settle()
     stats_client = redis_server.client()
     stats_client.config_resetstat()
-    writes = []
-    real_send = redis.connection.AbstractConnection.send_packed_command
+    writes, reads = [], []
+    real_send, real_read = redis.Connection.send_packed_command, redis.Connection.read_response
 
     def counting_send(self, command, check_health=True):
-        # Each call is one write to the socket: a round trip's request half.
-        writes.append(command)
+        writes.append(command)  # one write to the socket: a round trip's request half
         return real_send(self, command, check_health)
 
-    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting_send)
+    def counting_read(self, *args, **kwargs):
+        reads.append(1)  # one reply waited for
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.Connection, "send_packed_command", counting_send)
+    monkeypatch.setattr(redis.Connection, "read_response", counting_read)
     resp = svc.predict([ROW_A, ROW_B, ROW_C, ROW_D])
-    monkeypatch.undo()
     assert cache_header(resp) == ("PARTIAL", "1")
-    assert len(writes) == 2  # the MGET, then the whole pipeline at once
+    assert (len(writes), len(reads)) == (2, 1)  # the MGET and its reply, then the whole store at once
+    svc.settle()
+    monkeypatch.undo()
+    assert len(reads) == 2  # the store's reply, read when asked for
     stats = stats_client.info("commandstats")
     assert stats["cmdstat_mget"]["calls"] == 1
     assert stats["cmdstat_set"]["calls"] == 3
@@ -134,6 +152,30 @@ def test_batch_uses_one_lookup_and_one_pipelined_store_with_ttl(make_service, re
     ttls = [svc.redis.ttl(k) for k in svc.stored_keys()]
     assert len(ttls) == 4
     assert all(0 < t <= 600 for t in ttls)
+
+
+def test_unread_store_replies_stay_bounded(make_service):
+    """Requests that store without looking up (no-cache) don't let unread replies pile up; every store lands."""
+    svc = make_service()
+    rows = [[5.0, 3.0, 1.0 + i / 100, 0.2] for i in range(80)]
+    for row in rows:
+        assert svc.predict([row], headers={"Cache-Control": "no-cache"}).headers["X-Cache"] == "BYPASS"
+    assert svc.app.extensions["sibyl.cache"]._links.link.unread <= 32
+    assert len(svc.stored_keys()) == 80
+
+
+def test_redis_restart_between_requests_reconnects_without_a_miss_of_service(make_service, own_redis, capsys):
+    """A Redis that restarted while the worker was idle (its old connection now dead) is reconnected at once:
+    the next request is cached as usual, not served uncached for a breaker period."""
+    server = own_redis()
+    svc = make_service(REDIS_URL=server.url, CACHE_RETRY_SECONDS=60)
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
+    svc.settle()
+    server.stop()
+    server.start()
+    assert cache_header(svc.predict([ROW_B])) == ("MISS", "0")
+    assert cache_header(svc.predict([ROW_B])) == ("HIT", "1")
+    assert "cache down" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("proba", [False, True], ids=["labels", "probabilities"])
@@ -437,7 +479,7 @@ def acl_user_redis(tmp_path, spawn_redis, own_redis) -> tuple[str, redis.Redis]:
     server = own_redis()
     admin = server.client()
     # Exactly the commands the README lists for a cache ACL user.
-    perms = ["+mget", "+set", "+evalsha", "+script|load", "+ping"]
+    perms = ["+mget", "+set", "+eval", "+ping"]
     admin.execute_command("ACL", "SETUSER", "sibyl", "on", ">acl-pw-61c0", "~sibyl:*", *perms)
     admin.execute_command("ACL", "SETUSER", "inspector", "on", ">insp-pw-3b9d", "~*", "+@all")  # for the test's checks
     admin.execute_command("ACL", "SETUSER", "default", "off")  # so the service's only way in is its own user
@@ -531,7 +573,7 @@ def test_local_tier_is_bounded(make_service, redis_server):
     svc = make_service(CACHE_LOCAL_ENTRIES=2)
     for row in (ROW_A, ROW_B, ROW_C):
         svc.predict([row])
-    redis_server.client().flushall()  # only the local tier is left
+    svc.redis.flushall()  # only the local tier is left
     assert cache_header(svc.predict([ROW_C])) == ("HIT", "1")
     assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
     assert len(svc.app.extensions["sibyl.cache"]._local) <= 2
