@@ -104,16 +104,19 @@ def markdown(results: dict) -> str:
     """The README's benchmark section: targets, Sibyl per scenario, comparison servers, memory, step timings."""
     m, p, runs = results["machine"], results["plan"], results["runs"]
     verdict = {True: "pass", False: "**FAIL**", None: "not run"}
-    perf = ["req/s", "p50 ms", "p99 ms", "Errors", "Conns/worker"]
-    row = lambda r: [r["req_s"], r["p50_ms"], r["p99_ms"], r["errors"], _split(r)]  # noqa: E731
+    perf = ["req/s", "Rounds req/s", "p50 ms", "p99 ms", "Errors", "Conns/worker"]
+    rounds = lambda r: " / ".join(f"{x:.0f}" for x in r.get("rounds_req_s", ()))  # noqa: E731
+    row = lambda r: [r["req_s"], rounds(r), r["p50_ms"], r["p99_ms"], r["errors"], _split(r)]  # noqa: E731
     backends = ", ".join(f"{k} {v}" for k, v in results["backends"].items())
     out = [
         "<!-- written by `make bench` (bench/run.py); edit the generator, not this file -->",
         f"Measured {results['timestamp']} on {m['cpu']} ({m['cores']} cores), commit {m['commit']}: every server "
         f"under `gunicorn -c gunicorn.conf.py` with {m['cores']} workers, wrk ({p['threads']} thread) on the same "
-        f"machine, {p['seconds']} s per run after {p['warmup']} s of warm-up. Sibyl's backend: {backends}.",
+        f"machine. Per scenario every server runs {p.get('rounds', 1)} times, {p['seconds']} s each after "
+        f"{p['warmup']} s of warm-up, taking turns (each round starts with the next server), and keeps its "
+        f"median run. Sibyl's backend: {backends}.",
         "",
-        "**Targets** (ratios compare req/s at the same rows per request and concurrency):",
+        "**Targets** (ratios compare median req/s at the same rows per request and concurrency):",
         "",
         *_table(
             ["Target", "Goal", "Measured", "Result"],

@@ -62,8 +62,9 @@ BATCH = Shape(1000)
 class Plan:
     """How long and how hard to drive each server."""
 
-    seconds: int
+    seconds: int  # per timed run; a scenario gives each server `rounds` of them, interleaved
     warmup: int
+    rounds: int
     concurrencies: tuple[int, ...]
     debug_seconds: int
     debug_concurrency: int
@@ -115,7 +116,7 @@ class Bench:
         self, server: Gunicorn, model: str | None, shape: Shape, c: int, body: bytes | None = None, debug: bool = False
     ) -> tuple[dict, list[dict]]:
         """Warm up, then one timed wrk run at c connections: its numbers and the server's request-log lines.
-        Printed; recorded unless it is a (shorter) debug run."""
+        Printed; a debug run is shorter."""
         if shape.hit:
             self.post(server, body)  # the row may have been flushed since the last hit run
         else:
@@ -139,8 +140,6 @@ class Bench:
         run = {"server": server.name, "model": model, "shape": shape.name, "rows": shape.rows, "concurrency": c}
         run |= result | {"attempts": attempt, "worker_restarts": server.restarts() - restarts}
         run["cache"] = dict(sorted(Counter(x.get("cache") for x in lines if x.get("cache")).items()))
-        if not debug:
-            self.runs.append(run)
         notes = f"  ERRORS {run['errors']} {run['error_detail']}" if run["errors"] else ""
         notes += f"  (try {attempt}: earlier connection splits missed a worker)" if attempt > 1 else ""
         notes += f"  ({run['worker_restarts']} worker restarts)" if run["worker_restarts"] else ""
@@ -274,19 +273,38 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
         )
         bench.check(uncached, model["body"], model["expected"], cache="OFF")
         lineup += [(naive, name), (sibyl, name), (uncached, name)]
-    # Back to back per scenario (idle servers cost nothing), so a slow spell on a shared machine hits
-    # Sibyl and what it is compared with alike. Only Sibyl has a cache, so only Sibyl runs the hit shape.
+    # Per scenario, every server runs in turn, `rounds` times over, and keeps its median run: a slow spell
+    # on a shared machine (throughput here swings 2x between minutes) hits Sibyl and what it is compared
+    # with alike. Only Sibyl has a cache, so only Sibyl runs the hit shape.
     for shape in SHAPES:
         for c in bench.plan.concurrencies:
-            for server, name in lineup:
-                if server.name == "sibyl" or not shape.hit:
-                    bench.load(server, name, shape, c, models[name]["hit_body"] if shape.hit else None)
+            turn = [(s, name) for s, name in lineup if s.name == "sibyl" or not shape.hit]
+            rounds = [[] for _ in turn]
+            for i in range(bench.plan.rounds):
+                for j in _rotated(range(len(turn)), i):
+                    server, name = turn[j]
+                    rounds[j].append(
+                        bench.load(server, name, shape, c, models[name]["hit_body"] if shape.hit else None)[0]
+                    )
+            bench.runs += [_median(runs) for runs in rounds]
     for server, name in lineup:
         if server.name == "sibyl":
-            bench.load(server, name, BATCH, 1)
+            bench.runs.append(bench.load(server, name, BATCH, 1)[0])
             results["memory"][name] = worker_memory(server)
             info = requests.get(server.url + "/models", headers={"Authorization": bench.auth}, timeout=10).json()
             results["backends"][name] = info["models"][0]["backend"]
+
+
+def _rotated(items: range, by: int) -> list:
+    """items starting at position `by`: each round starts with a different server."""
+    k = by % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def _median(runs: list[dict]) -> dict:
+    """The run with the median req/s (the lower middle one for an even count), with every round's req/s."""
+    ordered = sorted(runs, key=lambda r: r["req_s"])
+    return ordered[(len(ordered) - 1) // 2] | {"rounds_req_s": [r["req_s"] for r in runs]}
 
 
 def worker_memory(server: Gunicorn) -> dict:
@@ -349,16 +367,20 @@ def run(plan: Plan, workdir: Path) -> dict:
 def parse_args(argv: list[str] | None) -> Plan:
     """Command line -> Plan."""
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 s per run, concurrency 8 only (about 2 minutes)")
-    p.add_argument("--duration", type=int, help="seconds per timed run (default 10, or 2 with --quick)")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 round of 2 s, concurrency 8 only (about 2 minutes)"
+    )
+    p.add_argument("--duration", type=int, help="seconds per timed run (default 4, or 2 with --quick)")
+    p.add_argument("--rounds", type=int, help="interleaved runs per server and scenario, median kept (default 3)")
     p.add_argument("--backend", default="auto", choices=("auto", "sklearn", "onnx"), help="Sibyl's INFERENCE_BACKEND")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1: leaves the cores to servers)")
     p.add_argument("--py-spy", action="store_true", help="also record py-spy flame graphs of one worker, if installed")
     a = p.parse_args(argv)
-    seconds = a.duration or (2 if a.quick else 10)
+    seconds = a.duration or (2 if a.quick else 4)
     return Plan(
         seconds=seconds,
         warmup=1,
+        rounds=a.rounds or (1 if a.quick else 3),
         concurrencies=(8,) if a.quick else (8, 32),
         debug_seconds=min(seconds, 3),
         debug_concurrency=8,
