@@ -1,7 +1,9 @@
 """The per-row Redis prediction cache, in process against a real redis-server: keys, batches, bypass, fail-open."""
 
 import json
+import random
 import subprocess
+import threading
 import time
 from time import perf_counter
 
@@ -152,6 +154,43 @@ def test_batch_waits_for_one_round_trip_and_stores_in_one_command_with_ttl(make_
     ttls = [svc.redis.ttl(k) for k in svc.stored_keys()]
     assert len(ttls) == 4
     assert all(0 < t <= 600 for t in ttls)
+
+
+def test_threads_never_read_each_others_replies(make_service):
+    """Threaded workers: each thread has its own connection and its own unread store replies, so threads
+    mixing misses, hits, batches and probabilities all get the uncached answers."""
+    svc, reference = make_service(), make_service(CACHE_ENABLED=False)
+    rng = random.Random(7)
+    rows = [[round(rng.uniform(lo, hi), 1) for lo, hi in ((4, 8), (2, 4.5), (1, 7), (0.1, 2.5))] for _ in range(24)]
+    truth = reference.predict(rows, proba=True).json
+    outcomes, wrong = [], []
+
+    def same(got: list[dict], want: list[dict]) -> bool:
+        # A row's probabilities can differ in the last bit with the batch it was computed in (BLAS and
+        # onnxruntime pick kernels by batch size); a reply swapped with another thread's differs wholesale.
+        return all(g.keys() == w.keys() and all(abs(g[k] - w[k]) <= 1e-12 for k in g) for g, w in zip(got, want))
+
+    def run(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(50):
+            picks = r.sample(range(len(rows)), r.randint(1, 4))
+            proba = r.random() < 0.5
+            resp = svc.predict([rows[i] for i in picks], proba)
+            got = resp.json
+            if got["predictions"] != [truth["predictions"][i] for i in picks] or (
+                proba and not same(got["probabilities"], [truth["probabilities"][i] for i in picks])
+            ):
+                wrong.append((picks, proba, got))
+            outcomes.append(resp.headers["X-Cache"])
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not wrong
+    assert len(outcomes) == 200
+    assert {"HIT", "MISS", "PARTIAL"} <= set(outcomes)
 
 
 def test_unread_store_replies_stay_bounded(make_service):
