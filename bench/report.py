@@ -17,25 +17,27 @@ BASE_LABELS = {
 def _base(runs: list[dict], server: str, run: dict) -> dict | None:
     """The comparison server's run with the same rows and concurrency (and model, for the naive app).
     The cache-hit shape is compared with the 1-row runs: the others have no cache."""
-    same = ("rows", "concurrency", "model") if server == "naive" else ("rows", "concurrency")
+    same = ("rows", "concurrency", "model") if server in ("naive", "sibyl-nocache") else ("rows", "concurrency")
     return next((r for r in runs if r["server"] == server and all(r[k] == run[k] for k in same)), None)
 
 
 def compare(runs: list[dict]) -> None:
-    """Add Sibyl's throughput ratio to each comparison server measured in the same run."""
+    """Add Sibyl's throughput ratios (cache on and off) to each comparison server measured in the same run."""
     for run in runs:
-        if run["server"] == "sibyl":
+        if run["server"] in ("sibyl", "sibyl-nocache"):
             for server in BASES:
                 base = _base(runs, server, run)
                 run[f"x_{server}"] = round(run["req_s"] / base["req_s"], 2) if base and base["req_s"] else None
 
 
-def _sibyl(runs: list[dict], model: str | None, shape: str, concurrency: int | None = None) -> list[dict]:
-    """Sibyl's runs for a model (None: both) and shape, at one concurrency or all but c=1."""
+def _sibyl(
+    runs: list[dict], model: str | None, shape: str, concurrency: int | None = None, server: str = "sibyl"
+) -> list[dict]:
+    """Sibyl's runs (or its cache-off twin's) for a model (None: both) and shape, at one concurrency or all but c=1."""
     return [
         r
         for r in runs
-        if r["server"] == "sibyl"
+        if r["server"] == server
         and r["shape"] == shape
         and (model is None or r["model"] == model)
         and (r["concurrency"] == concurrency if concurrency else r["concurrency"] > 1)
@@ -47,27 +49,34 @@ def targets(results: dict) -> list[dict]:
     runs = results["runs"]
     found = []
 
-    def add(name: str, goal: str, values: list[tuple[str, float]], ok) -> None:
+    def listed(values: list[tuple[str, float]]) -> str | None:
+        return ", ".join(f"{label} {v:.2f}×" for label, v in values if v is not None) or None
+
+    def add(name: str, goal: str, values: list[tuple[str, float]], ok, off: list | None = None) -> None:
         values = [(label, v) for label, v in values if v is not None]
-        measured = ", ".join(f"{label} {v:.2f}×" for label, v in values) or "not measured"
         found.append(
             {
                 "target": name,
                 "goal": goal,
-                "measured": measured,
+                "measured": listed(values) or "not measured",
                 "pass": all(ok(v) for _, v in values) if values else None,
+                # The same ratio for Sibyl with CACHE_ENABLED=false: what the Redis tier costs on misses.
+                "cache_off": listed(off or []),
             }
         )
 
-    def ratio(model: str | None, shape: str, key: str) -> list[tuple[str, float]]:
-        return [(f"{r['model']} c{r['concurrency']}", r[key]) for r in _sibyl(runs, model, shape)]
+    def ratio(model: str | None, shape: str, key: str, server: str = "sibyl") -> list[tuple[str, float]]:
+        return [(f"{r['model']} c{r['concurrency']}", r.get(key)) for r in _sibyl(runs, model, shape, server=server)]
 
     at_least = lambda x: lambda v: v >= x  # noqa: E731 - a one-line predicate factory reads best inline
-    add("RF 1-row miss vs Flask ceiling", "≥ 0.6×", ratio("RF", "1-row miss", "x_flask"), at_least(0.6))
-    add("RF 1-row miss vs naive app", "~10× (≥ 10×)", ratio("RF", "1-row miss", "x_naive"), at_least(10))
-    add("LR 1-row miss vs Flask ceiling", "≥ 0.65×", ratio("LR", "1-row miss", "x_flask"), at_least(0.65))
-    add("1-row hit vs Flask ceiling", "≥ 0.7×", ratio(None, "1-row hit", "x_flask"), at_least(0.7))
-    add("LR 100-row miss vs naive app", "≥ 2×", ratio("LR", "100-row miss", "x_naive"), at_least(2))
+    for name, goal, model, shape, key, ok in (
+        ("RF 1-row miss vs Flask ceiling", "≥ 0.6×", "RF", "1-row miss", "x_flask", at_least(0.6)),
+        ("RF 1-row miss vs naive app", "~10× (≥ 10×)", "RF", "1-row miss", "x_naive", at_least(10)),
+        ("LR 1-row miss vs Flask ceiling", "≥ 0.65×", "LR", "1-row miss", "x_flask", at_least(0.65)),
+        ("1-row hit vs Flask ceiling", "≥ 0.7×", None, "1-row hit", "x_flask", at_least(0.7)),
+        ("LR 100-row miss vs naive app", "≥ 2×", "LR", "100-row miss", "x_naive", at_least(2)),
+    ):
+        add(name, goal, ratio(model, shape, key), ok, ratio(model, shape, key, "sibyl-nocache"))
 
     c32 = [r for r in runs if r["server"] == "sibyl" and r["concurrency"] == 32]
     worst = max(c32, key=lambda r: r["p99_ms"] / r["p50_ms"], default=None)
@@ -119,8 +128,11 @@ def markdown(results: dict) -> str:
         "**Targets** (ratios compare median req/s at the same rows per request and concurrency):",
         "",
         *_table(
-            ["Target", "Goal", "Measured", "Result"],
-            [[t["target"], t["goal"], t["measured"], verdict[t["pass"]]] for t in results["targets"]],
+            ["Target", "Goal", "Measured", "Result", "Cache off, for comparison"],
+            [
+                [t["target"], t["goal"], t["measured"], verdict[t["pass"]], t.get("cache_off")]
+                for t in results["targets"]
+            ],
         ),
         "",
         "**Sibyl** (× = Sibyl's req/s over the other server's; errors = HTTP ≥ 400 + socket errors; conns/worker = "
@@ -213,15 +225,15 @@ def chart(results: dict, path: Path) -> None:
     runs = results["runs"]
     sib = [r for r in runs if r["server"] == "sibyl" and r["concurrency"] > 1]
     labels = [f"{r['model']} {r['shape']}, c={r['concurrency']}" for r in sib]
-    series = {"sibyl": sib} | {b: [_base(runs, b, r) for r in sib] for b in BASES}
-    colors = {"sibyl": "#1f77b4", "raw": "#7f7f7f", "flask": "#bcbd22", "naive": "#d62728"}
+    series = {"sibyl": sib} | {b: [_base(runs, b, r) for r in sib] for b in ("sibyl-nocache", *BASES)}
+    colors = {"sibyl": "#1f77b4", "sibyl-nocache": "#aec7e8", "raw": "#7f7f7f", "flask": "#bcbd22", "naive": "#d62728"}
     fig, axes = plt.subplots(1, 2, figsize=(16, 2 + 0.55 * len(sib)), sharey=True)
     height = 0.8 / len(series)
     for ax, key, title in zip(
         axes, ("req_s", "p99_ms"), ("Throughput (req/s, higher is better)", "p99 latency (ms, lower is better)")
     ):
         for i, (name, rows) in enumerate(series.items()):
-            ys = [j + (i - 1.5) * height for j in range(len(sib))]
+            ys = [j + (i - (len(series) - 1) / 2) * height for j in range(len(sib))]
             ax.barh(ys, [r[key] if r else 0 for r in rows], height, label=BASE_LABELS[name], color=colors[name])
         ax.set_xscale("log")
         ax.set_title(title)
