@@ -1,7 +1,9 @@
 """The per-row Redis prediction cache, in process against a real redis-server: keys, batches, bypass, fail-open."""
 
 import json
+import os
 import random
+import signal
 import subprocess
 import threading
 import time
@@ -471,6 +473,33 @@ def test_redis_restart_resumes_caching_and_logs_one_back_up_line(make_service, o
     out = capsys.readouterr().out.splitlines()
     assert sum("cache down" in line for line in out) == 1
     assert sum("cache back up" in line for line in out) == 1
+
+
+def test_redis_freezing_with_a_store_unread_costs_one_timeout(make_service, own_redis, capsys):
+    """Redis stops answering while a store's reply is still owed: the next request waits one CACHE_TIMEOUT_MS
+    for it, is served uncached, and the breaker spares the following ones; caching resumes after a thaw."""
+    server = own_redis()
+    timeout = 0.2
+    svc = make_service(REDIS_URL=server.url, CACHE_TIMEOUT_MS=int(timeout * 1000), CACHE_RETRY_SECONDS=0.5)
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")  # its store's reply is read by the next call
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        waits = []
+        for _ in range(10):
+            t0 = perf_counter()
+            resp = svc.predict([ROW_B])
+            waits.append(perf_counter() - t0)
+            assert (resp.status_code, resp.headers["X-Cache"]) == (200, "OFF")
+        assert waits[0] >= 0.9 * timeout
+        # Without the breaker all 10 would wait; a very slow run may straddle one more period.
+        assert 1 <= sum(w >= 0.9 * timeout for w in waits) <= 2
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    time.sleep(0.6)  # the breaker period ends; the next request probes a Redis that answers again
+    outcomes = [svc.predict([ROW_A]).headers["X-Cache"] for _ in range(2)]
+    assert outcomes[-1] == "HIT"
+    out = capsys.readouterr().out
+    assert out.count("cache down") == 1 and out.count("cache back up") == 1
 
 
 def test_hung_redis_costs_one_timeout_per_breaker_period(make_service, silent_redis_url):
