@@ -189,6 +189,7 @@ def started(make):
 def live_server(tmp_path, iris_path):
     """Factory: live_server(env={...}, workers=2) starts gunicorn serving iris; all are stopped at teardown."""
     base = {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""}
+    base["WORKER_CLASS"] = "sync"  # the default, whatever the caller exported: held_predict relies on it
     yield from started(lambda env=None, workers=2: LiveServer(tmp_path, {**base, **(env or {})}, workers))
 
 
