@@ -15,14 +15,19 @@ def read_json() -> dict:
     """The request body as a JSON object, or 415/413/400 saying what to send instead."""
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json.")
+    # The body is read from wsgi.input directly, chunked or not. Werkzeug's limited stream would cut a chunked
+    # body at the limit without a word (it would then read as broken JSON), and its wrapping costs more than
+    # the read itself (about 10 us a request).
     limit = current_app.config["MAX_CONTENT_LENGTH"]
-    if request.content_length is None and request.environ.get("wsgi.input_terminated"):
-        # A chunked body: werkzeug would cut it at the limit without a word, and it would read as broken JSON.
-        data = request.environ["wsgi.input"].read(limit + 1)
+    environ, length = request.environ, request.content_length
+    if length is not None and length > limit:
+        raise RequestEntityTooLarge()
+    if length is None and not environ.get("wsgi.input_terminated"):
+        data = b""  # neither a length nor a chunked body: there is nothing to read
+    else:
+        data = environ["wsgi.input"].read(limit + 1 if length is None else length)
         if len(data) > limit:
             raise RequestEntityTooLarge()
-    else:
-        data = request.get_data(cache=False)  # raises 413 past MAX_BODY_BYTES, before reading it all
     if not data:
         raise ApiError(400, "invalid_json", 'The request body is empty; send e.g. {"features": [[...]]}.')
     try:
