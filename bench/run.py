@@ -126,12 +126,12 @@ class Bench:
         if warmup:
             wrk(server.url, c, warmup, self.plan.threads, script(), self.auth)
         restarts = server.restarts()
+        # Only gthread workers hold connections; sync workers take one request at a time from the socket.
+        gthread = os.environ.get("WORKER_CLASS", "sync") == "gthread"
+        split = server.connections if c >= self.workers and gthread else None
         # Redo a run whose connections missed a worker (see servers.wrk); the last try is kept as it is.
         for attempt in range(1, SPLIT_TRIES + 1):
             offset = server.stdout.stat().st_size
-            # Only gthread workers hold connections; sync workers take one request at a time from the socket.
-            gthread = os.environ.get("WORKER_CLASS", "sync") == "gthread"
-            split = server.connections if c >= self.workers and gthread else None
             if result := wrk(
                 server.url, c, seconds, self.plan.threads, script(), self.auth, split, attempt == SPLIT_TRIES
             ):

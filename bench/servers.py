@@ -157,26 +157,14 @@ class Gunicorn:
         return sorted(pids)
 
     def connections(self) -> list[int]:
-        """Established client connections each worker holds, matched by socket inode via /proc/net/tcp."""
-        port = f":{self.port:04X}"
-        # Columns: sl, local address, remote address, state (01 = ESTABLISHED), ..., inode (10th).
-        rows = (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
-        ours = {f"socket:[{r[9]}]" for r in rows if r[1].endswith(port) and r[3] == "01"}
-        counts = []
-        for pid in self.workers():
-            n = 0
-            with contextlib.suppress(OSError):  # a worker may be recycled while we look
-                for fd in Path(f"/proc/{pid}/fd").iterdir():
-                    with contextlib.suppress(OSError):
-                        n += os.readlink(fd) in ours
-            counts.append(n)
-        return counts
+        """Established client connections each worker holds."""
+        return [len(tcp_sockets(pid, self.port)) for pid in self.workers()]
 
     def log_lines(self, offset: int = 0) -> list[dict]:
-        """The app's JSON log lines written to stdout since byte offset (request lines say "message": "request")."""
+        """The app's JSON log lines written to stdout since byte offset."""
         with open(self.stdout, "rb") as f:
             f.seek(offset)
-            return [json.loads(x) for x in f.read().splitlines() if x.startswith(b"{")]
+            return json_lines(f.read().decode())
 
     def request_lines(self, offset: int) -> list[dict]:
         """The request-log lines for /predict written since byte offset."""
@@ -200,6 +188,27 @@ def serving(name: str, target: str, workdir: Path, env: dict) -> Iterator[Gunico
         yield server.start()
     finally:
         server.stop()
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON log lines in a server's output (request lines say "message": "request"); other lines skipped."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def tcp_sockets(pid: int, port: int, remote: bool = False) -> set[int]:
+    """Inodes of the established TCP sockets process `pid` holds on `port`: its own end (connections a
+    server accepted) or, with remote=True, the far end (its client connections to that port). From /proc."""
+    # Columns: sl, local address, remote address, state (01 = ESTABLISHED), ..., inode (10th).
+    rows = (line.split() for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:])
+    on_port = {r[9] for r in rows if r[2 if remote else 1].endswith(f":{port:04X}") and r[3] == "01"}
+    held = set()
+    with contextlib.suppress(OSError):  # the process may exit while we look
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):  # and a descriptor may close
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in on_port:
+                    held.add(int(target[8:-1]))
+    return held
 
 
 def memory(pids: list[int]) -> list[dict]:

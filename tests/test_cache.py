@@ -17,6 +17,8 @@ from conftest import IRIS_ROWS, basic_auth, free_port
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
+from bench.servers import json_lines
+
 ROW_A, ROW_B = IRIS_ROWS
 ROW_C, ROW_D = [5.9, 3.0, 4.2, 1.5], [6.3, 2.5, 5.0, 1.9]
 NAMES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -95,7 +97,7 @@ def cache_header(resp) -> tuple[str, str]:
 
 def stdout_lines(capsys) -> list[dict]:
     """The app's JSON log lines written to stdout since the last read."""
-    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    return json_lines(capsys.readouterr().out)
 
 
 def test_repeat_request_is_served_from_cache(make_service):

@@ -1,13 +1,13 @@
 """The prediction cache under real gunicorn workers and a real redis-server: shared hits, outages, recovery."""
 
-import os
 import random
 import threading
 import time
-from pathlib import Path
 
 import requests
 from conftest import IRIS_ROWS
+
+from bench.servers import tcp_sockets
 
 # Rows the load run repeats (so some answers come from the cache) beside unique random ones.
 REPEATED = [*IRIS_ROWS, [5.9, 3.0, 4.2, 1.5], [6.3, 2.5, 5.0, 1.9]]
@@ -17,22 +17,6 @@ def served_by(server, request_id: str) -> dict:
     """The request log line of one request (the line is written before the response leaves the worker)."""
     (line,) = [x for x in server.log_lines() if x.get("message") == "request" and x["request_id"] == request_id]
     return line
-
-
-def redis_sockets(pid: int, port: int) -> set[int]:
-    """Inodes of the TCP sockets process `pid` holds open to 127.0.0.1:`port`, read from /proc."""
-    fds = Path(f"/proc/{pid}/fd")
-    mine = set()
-    for fd in fds.iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue  # closed while we looked
-        if target.startswith("socket:["):
-            mine.add(int(target[8:-1]))
-    remote = f"0100007F:{port:04X}"
-    rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    return {int(f[9]) for f in map(str.split, rows) if f[2] == remote and int(f[9]) in mine}
 
 
 def test_workers_share_cached_rows(live_server, redis_server, redis_url):
@@ -50,8 +34,8 @@ def test_workers_share_cached_rows(live_server, redis_server, redis_url):
     # Each worker opened its own connection after the fork; the master (which loaded the app) holds none.
     workers = {x["pid"] for x in server.log_lines() if x.get("message") == "request"}
     assert len(workers) == 2
-    assert redis_sockets(server.proc.pid, redis_server.port) == set()
-    a, b = (redis_sockets(pid, redis_server.port) for pid in workers)
+    assert tcp_sockets(server.proc.pid, redis_server.port, remote=True) == set()
+    a, b = (tcp_sockets(pid, redis_server.port, remote=True) for pid in workers)
     assert a and b
     assert not a & b
 

@@ -1,14 +1,13 @@
 """One JSON line per request: who, what, how long, which model, cache outcome; never secrets."""
 
-import json
-
 from conftest import IRIS_ROWS, KEY, USER, basic_auth
+
+from bench.servers import json_lines
 
 
 def request_lines(out: str) -> list[dict]:
     """Request log lines from captured stdout."""
-    lines = [json.loads(raw) for raw in out.splitlines() if raw.startswith("{")]
-    return [line for line in lines if line["message"] == "request"]
+    return [line for line in json_lines(out) if line["message"] == "request"]
 
 
 def test_one_line_per_request_with_fields(client, capsys):
