@@ -27,6 +27,7 @@ def create_app(config: dict | None = None) -> Flask:
         timeout_ms=app.config["CACHE_TIMEOUT_MS"],
         retry_seconds=app.config["CACHE_RETRY_SECONDS"],
         local_entries=app.config["CACHE_LOCAL_ENTRIES"],
+        store_delay_ms=app.config["CACHE_STORE_DELAY_MS"],
     )
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
     from app import cli, health

@@ -5,6 +5,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -20,8 +21,9 @@ from app.errors import StartupError
 log = logging.getLogger(__name__)
 
 
-# KEYS are the rows' keys; ARGV[1] is the TTL and ARGV[i + 1] the value for KEYS[i]. Sent with EVAL (Redis caches
-# the compiled script by its digest), so a restarted Redis never answers NOSCRIPT to a store nobody waits for.
+# A batch's store: KEYS are the rows' keys; ARGV[1] is the TTL and ARGV[i + 1] the value for KEYS[i]. Sent with
+# EVAL (Redis caches the compiled script by its digest), so a restarted Redis never answers NOSCRIPT to a store
+# nobody waits for. One row is a plain SET, which costs Redis a third of the script's time.
 _STORE_SCRIPT = b"for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end"
 # Store replies a connection may owe before a store reads them: bounds what a run of lookup-free requests
 # (Cache-Control: no-cache) leaves in the socket.
@@ -64,7 +66,14 @@ class PredictionCache:
     """Rows in, stored answers out; circuit breakers keep a failing Redis from costing each request."""
 
     def __init__(
-        self, url: str, ttl: int, prefix: str, timeout_ms: int, retry_seconds: float, local_entries: int = 0
+        self,
+        url: str,
+        ttl: int,
+        prefix: str,
+        timeout_ms: int,
+        retry_seconds: float,
+        local_entries: int = 0,
+        store_delay_ms: float = 0,
     ) -> None:
         if ttl < 1:
             raise StartupError("CACHE_TTL must be at least 1 second (set CACHE_ENABLED=false to turn caching off)")
@@ -72,6 +81,8 @@ class PredictionCache:
         self.ttl = ttl
         self.prefix = prefix
         self.timeout = timeout_ms / 1000
+        # How long a store may wait for this thread's next command to carry it (0: send each store at once).
+        self.store_delay = store_delay_ms / 1000
         self.enabled = bool(url)
         # Connection breaker: Redis down, slow or refusing us. Write breaker: Redis readable but refusing
         # writes (OOM under noeviction, a READONLY replica), where cached reads are still worth having.
@@ -80,6 +91,9 @@ class PredictionCache:
         self._pool = None
         self._pid = None
         self._links = threading.local()
+        self._link_set: weakref.WeakSet[_Link] = weakref.WeakSet()
+        self._flusher: _Flusher | None = None
+        self._flusher_lock = threading.Lock()
         # This worker's own copy of recent answers, so a repeated row costs no round trip. An answer is a pure
         # function of its key (model sha256, backend, kind, row), so a local copy is never wrong, only kept
         # no longer than Redis would keep it.
@@ -173,28 +187,44 @@ class PredictionCache:
         return values
 
     def set_many(self, items: list[tuple[str, object]]) -> None:
-        """Send answers with the TTL as one command, without waiting: the reply is read by this connection's
-        next call (pipelining across requests saves a miss one round trip). Failures only open a breaker."""
+        """Store answers with the TTL as one command, without waiting for its reply (read by this connection's
+        next call). The command waits up to store_delay for that call to carry it in the same write, which
+        saves a send and a Redis wake-up per miss; the flusher sends it if no call comes. Failures only open
+        a breaker."""
         if not items or not self.usable() or not self._writes.allows():
             return  # checked before encoding: a dead Redis costs no work per request
-        keys, values = zip(*items)
-        link = self._link()
-        try:
-            if link.unread >= _MAX_UNREAD:
-                self._settle(link)
+        if len(items) == 1:
+            ((key, value),) = items
+            command = (b"SET", key, _encode(value), b"EX", self.ttl)
+        else:
+            keys, values = zip(*items)
             command = (b"EVAL", _STORE_SCRIPT, len(keys), *keys, self.ttl, *map(_encode, values))
-            link.conn.send_packed_command([hiredis.pack_command(command)])
-            link.unread += 1
-        except (redis.RedisError, OSError) as e:
-            self._lost(link, e)
+        link = self._link()
+        with link.lock:
+            try:
+                if link.unread + len(link.queued) >= _MAX_UNREAD:
+                    self._send(link)
+                    self._settle(link)
+                if not link.queued:
+                    link.since = time.monotonic()
+                link.queued.append(hiredis.pack_command(command))
+                if not self.store_delay:
+                    self._send(link)
+            except (redis.RedisError, OSError) as e:
+                self._lost(link, e)
+                return
+        if link.queued:
+            self._flusher_for_this_process().wake()
 
     def settle(self) -> None:
-        """Read the replies to this thread's stores so far: afterwards every store sent is in Redis."""
+        """Send this thread's queued stores and read the replies to all it sent: afterwards they are in Redis."""
         link = self._link()
-        try:
-            self._settle(link)
-        except (redis.RedisError, OSError) as e:
-            self._lost(link, e)
+        with link.lock:
+            try:
+                self._send(link)
+                self._settle(link)
+            except (redis.RedisError, OSError) as e:
+                self._lost(link, e)
 
     def check(self) -> str:
         """Probe Redis for /ready (respecting the back-off) and return the state."""
@@ -218,32 +248,72 @@ class PredictionCache:
                 health_check_interval=0,
             )
             self._links = threading.local()
+            self._link_set = weakref.WeakSet()
+            self._flusher = None  # threads don't survive a fork
             self._pid = os.getpid()
         link = getattr(self._links, "link", None)
         if link is None:
             link = self._links.link = _Link(self._pool.make_connection())
+            self._link_set.add(link)  # weak: a finished thread's link goes with it
         return link
 
-    def _call(self, *args: bytes | str) -> object:
-        """One command and its reply, after the replies this connection still owes."""
-        link = self._link()
-        while True:
+    def _flusher_for_this_process(self) -> "_Flusher":
+        """The thread that sends stores no request carried; started on first use in each process."""
+        if self._flusher is None:
+            with self._flusher_lock:
+                if self._flusher is None:
+                    self._flusher = _Flusher(self)
+                    self._flusher.start()
+        return self._flusher
+
+    def flush(self, waited: float = 0.0) -> bool:
+        """Send every thread's queued stores that have waited `waited` seconds (all of them by default, as a
+        worker exits); True while some are still waiting."""
+        now, waiting = time.monotonic(), False
+        for link in list(self._link_set):
+            if not link.queued:
+                continue
+            # A busy link's owner is talking to Redis and takes its queue along; try again next round.
+            if now - link.since < waited or not link.lock.acquire(blocking=False):
+                waiting = True
+                continue
             try:
-                self._settle(link)
-                link.conn.send_packed_command([hiredis.pack_command(args)])
-                reply = link.conn.read_response()
-            except redis.ResponseError:
-                raise  # an answer: the connection is fine
+                self._send(link)
             except (redis.RedisError, OSError) as e:
-                # A connection that worked before and now fails at once (not a timeout) was closed by the
-                # server while idle: a restart, a failover, Redis's `timeout`. Reconnect once, as redis-py would.
-                stale = link.used and not isinstance(e, redis.TimeoutError)
-                self._lost(link, e, report=False)
-                if stale:
-                    continue
-                raise
-            link.used = True
-            return reply
+                self._lost(link, e)
+            finally:
+                link.lock.release()
+        return waiting
+
+    def _call(self, *args: bytes | str) -> object:
+        """One command and its reply, sent with this thread's queued stores, after the replies it still owes."""
+        link = self._link()
+        with link.lock:
+            while True:
+                try:
+                    self._send(link, hiredis.pack_command(args))
+                    self._settle(link)
+                    reply = link.conn.read_response()
+                except redis.ResponseError:
+                    raise  # an answer: the connection is fine
+                except (redis.RedisError, OSError) as e:
+                    # A connection that worked before and now fails at once (not a timeout) was closed by the
+                    # server while idle: a restart, a failover, Redis's `timeout`. Reconnect once, as redis-py would.
+                    stale = link.used and not isinstance(e, redis.TimeoutError)
+                    self._lost(link, e, report=False)
+                    if stale:
+                        continue
+                    raise
+                link.used = True
+                return reply
+
+    @staticmethod
+    def _send(link: "_Link", command: bytes = b"") -> None:
+        """Write the queued stores and then command, in one write; their replies are owed from then on."""
+        if link.queued or command:
+            link.conn.send_packed_command([b"".join(link.queued) + command])
+            link.unread += len(link.queued)
+            link.queued.clear()
 
     def _settle(self, link: "_Link") -> None:
         """Read the replies to earlier stores: a refused one opens the write breaker, an accepted one closes it."""
@@ -258,9 +328,10 @@ class PredictionCache:
             self._succeeded(self._writes)
 
     def _lost(self, link: "_Link", e: Exception, report: bool = True) -> None:
-        """Drop a connection that failed mid-conversation (its unread replies with it); open the breaker."""
+        """Drop a connection that failed mid-conversation (its queued stores and unread replies with it)."""
         link.conn.disconnect()
         link.unread, link.used = 0, False
+        link.queued.clear()
         if report:
             self._failed(self._conn, e)
 
@@ -277,12 +348,41 @@ class PredictionCache:
 
 
 class _Link:
-    """One thread's connection to Redis and how many store replies it has not read yet."""
+    """One thread's connection to Redis: stores not sent yet, and how many replies it has not read yet."""
 
     def __init__(self, conn: redis.Connection) -> None:
         self.conn = conn
         self.unread = 0
         self.used = False  # answered before: a later instant failure means the server dropped it
+        self.queued: list[bytes] = []  # packed store commands waiting for the next write
+        self.since = 0.0  # when the oldest of them was queued
+        self.lock = threading.Lock()  # the owning thread and the flusher both write to conn
+
+
+class _Flusher(threading.Thread):
+    """Sends stores that waited store_delay with no command to carry them (an idle worker's last misses).
+
+    Asleep while nothing waits; under load it wakes once per store_delay and finds the queues already sent."""
+
+    def __init__(self, cache: PredictionCache) -> None:
+        super().__init__(name="sibyl-cache-flusher", daemon=True)
+        self.cache = cache
+        self._wakeup = threading.Event()
+
+    def wake(self) -> None:
+        """Something was queued: make sure a round is coming (costs nothing when one already is)."""
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    def run(self) -> None:
+        """Sleep until woken, then send what waited long enough, for as long as anything waits."""
+        while True:
+            self._wakeup.wait()
+            time.sleep(self.cache.store_delay)
+            # Cleared before looking: a store queued during the round either is seen or sets the event again.
+            self._wakeup.clear()
+            if self.cache.flush(self.cache.store_delay):
+                self._wakeup.set()
 
 
 def _encode(value: object) -> bytes:

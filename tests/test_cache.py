@@ -124,40 +124,67 @@ def test_partial_batch_predicts_only_missing_rows(make_service, capsys):
     assert (line["cache"], line["cache_hits"], line["rows"]) == ("PARTIAL", 2, 4)
 
 
-def test_batch_waits_for_one_round_trip_and_stores_in_one_command_with_ttl(make_service, redis_server, monkeypatch):
-    """A batch sends one MGET and one store command whatever its size, and waits only for the MGET's reply:
-    the store's reply is read by the connection's next call."""
-    svc = make_service(CACHE_TTL=600)
+@pytest.mark.parametrize("delay_ms", [0, 60_000], ids=["store-sent-at-once", "store-rides-with-next-call"])
+def test_batch_waits_for_one_round_trip_and_stores_in_one_command_with_ttl(
+    make_service, redis_server, monkeypatch, delay_ms
+):
+    """A batch sends one MGET and one store command whatever its size, and waits only for the MGET's reply.
+    The store's reply is read by the connection's next call; with a store delay the store itself also rides
+    in that call's write, so a miss costs Redis one read and one write."""
+    svc = make_service(CACHE_TTL=600, CACHE_STORE_DELAY_MS=delay_ms)
     svc.predict([ROW_A])  # opens the connection (its handshake would count) and caches one row
     svc.settle()
     stats_client = redis_server.client()
     stats_client.config_resetstat()
     writes, reads = [], []
     real_send, real_read = redis.Connection.send_packed_command, redis.Connection.read_response
+    ours = svc.app.extensions["sibyl.cache"]._links.link.conn  # this thread's connection, not stats_client's
 
     def counting_send(self, command, check_health=True):
-        writes.append(command)  # one write to the socket: a round trip's request half
+        if self is ours:
+            writes.append(b"".join(command))  # one write to the socket
         return real_send(self, command, check_health)
 
     def counting_read(self, *args, **kwargs):
-        reads.append(1)  # one reply waited for
+        if self is ours:
+            reads.append(1)  # one reply waited for
         return real_read(self, *args, **kwargs)
 
     monkeypatch.setattr(redis.Connection, "send_packed_command", counting_send)
     monkeypatch.setattr(redis.Connection, "read_response", counting_read)
     resp = svc.predict([ROW_A, ROW_B, ROW_C, ROW_D])
     assert cache_header(resp) == ("PARTIAL", "1")
-    assert (len(writes), len(reads)) == (2, 1)  # the MGET and its reply, then the whole store at once
+    assert len(reads) == 1  # only the MGET's reply was waited for
+    if delay_ms:
+        assert len(writes) == 1  # the MGET; the store waits for the next call
+        assert stats_client.dbsize() == 1
+        assert cache_header(svc.predict([ROW_B])) == ("HIT", "1")
+        assert len(writes) == 2 and writes[1].index(b"EVAL") < writes[1].index(b"MGET")  # one write, both
+        assert len(reads) == 3  # the store's reply, then the MGET's
+    else:
+        assert len(writes) == 2  # the MGET, then the whole store at once
     svc.settle()
     monkeypatch.undo()
-    assert len(reads) == 2  # the store's reply, read when asked for
     stats = stats_client.info("commandstats")
-    assert stats["cmdstat_mget"]["calls"] == 1
+    assert stats["cmdstat_eval"]["calls"] == 1
     assert stats["cmdstat_set"]["calls"] == 3
     assert not {"cmdstat_get", "cmdstat_expire", "cmdstat_multi", "cmdstat_exec"} & set(stats)
     ttls = [svc.redis.ttl(k) for k in svc.stored_keys()]
     assert len(ttls) == 4
     assert all(0 < t <= 600 for t in ttls)
+
+
+def test_idle_workers_stores_are_sent_after_the_store_delay(make_service, redis_server):
+    """A store no later request carries is sent once it has waited CACHE_STORE_DELAY_MS: an idle worker's last
+    answers still reach the other workers."""
+    svc = make_service(CACHE_STORE_DELAY_MS=20)
+    assert cache_header(svc.predict([ROW_A, ROW_B])) == ("MISS", "0")
+    assert cache_header(svc.predict([ROW_C])) == ("MISS", "0")
+    watcher = redis_server.client()
+    deadline = time.monotonic() + 10  # generous for a loaded machine; the flusher needs about 20-40 ms
+    while watcher.dbsize() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert watcher.dbsize() == 3
 
 
 def test_threads_never_read_each_others_replies(make_service):
@@ -308,6 +335,7 @@ def test_different_model_file_misses_on_same_rows(make_service, make_model):
     assert cache_header(linear.predict(rows)) == ("HIT", "2")
     assert cache_header(tree.predict(rows)) == ("MISS", "0")
     assert len(tree.backend.calls) == 1
+    tree.settle()  # its store is still waiting for tree's next call
     keys = linear.stored_keys()
     assert len(keys) == 4
     for svc in (linear, tree):
@@ -451,6 +479,7 @@ def test_refused_writes_keep_serving_hits(make_service, own_redis, capsys):
     server = own_redis()
     svc = make_service(REDIS_URL=server.url, CACHE_RETRY_SECONDS=60)
     assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
+    svc.settle()  # ROW_A is stored before the limit
     admin = server.client()
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", 1)
@@ -616,7 +645,9 @@ def test_local_tier_answers_repeats_without_a_round_trip(make_service, own_redis
 def test_local_tier_is_filled_from_redis_hits(make_service, own_redis):
     """A row another worker stored is fetched from Redis once, then kept locally."""
     server = own_redis()
-    make_service(REDIS_URL=server.url).predict([ROW_C])  # "another worker" (no local tier) stores it
+    other = make_service(REDIS_URL=server.url)  # "another worker" (no local tier) stores it
+    other.predict([ROW_C])
+    other.settle()
     svc = make_service(REDIS_URL=server.url, CACHE_LOCAL_ENTRIES=100)
     assert cache_header(svc.predict([ROW_C])) == ("HIT", "1")
     before = mget_calls(server)

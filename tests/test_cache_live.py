@@ -1,6 +1,7 @@
 """The prediction cache under real gunicorn workers and a real redis-server: shared hits, outages, recovery."""
 
 import random
+import signal
 import threading
 import time
 
@@ -20,13 +21,18 @@ def served_by(server, request_id: str) -> dict:
 
 
 def test_workers_share_cached_rows(live_server, redis_server, redis_url):
-    """A row one worker predicted is a hit in the other: the cache is Redis, reached from each forked worker."""
+    """A row one worker predicted is a hit in the other: the cache is Redis, reached from each forked worker.
+    The worker that predicted it goes idle, so its store is sent by the flusher, not by a next request."""
     server = live_server(env={"REDIS_URL": redis_url, "CACHE_TIMEOUT_MS": "1000"}, workers=2)
+    watcher = redis_server.client()
     for n, row in enumerate(REPEATED[:2]):
         # Hold one worker on the row's request while the other predicts and stores it; then let the first go on.
         held = server.held_predict({"features": [row]}, headers={"X-Request-ID": f"held-{n}"})
         warm = server.predict({"features": [row]}, headers={"X-Request-ID": f"warm-{n}"})
         assert warm.headers["X-Cache"] == "MISS"
+        deadline = time.monotonic() + 10  # CACHE_STORE_DELAY_MS (50 ms) twice over, and a slow machine
+        while watcher.dbsize() == n and time.monotonic() < deadline:
+            time.sleep(0.01)
         status, headers, body = held.finish()
         assert (status, headers["X-Cache"], body) == (200, "HIT", warm.content)
         assert served_by(server, f"held-{n}")["pid"] != served_by(server, f"warm-{n}")["pid"]
@@ -118,3 +124,13 @@ def test_redis_outage_under_load_serves_uncached_and_recovers(live_server, own_r
     up = sum(m.startswith("cache back up") for m in messages)
     assert 1 <= down <= 2
     assert up == down
+
+
+def test_stopping_worker_sends_its_waiting_stores(live_server, redis_server, redis_url):
+    """A store still waiting for a next call (here: a minute) is sent when gunicorn stops the worker gracefully."""
+    server = live_server(env={"REDIS_URL": redis_url, "CACHE_STORE_DELAY_MS": "60000"}, workers=1)
+    assert server.predict({"features": REPEATED[:2]}).headers["X-Cache"] == "MISS"
+    assert redis_server.client().dbsize() == 0  # waiting in the worker
+    server.stop(signal.SIGTERM)
+    assert server.proc.returncode == 0
+    assert redis_server.client().dbsize() == 2
