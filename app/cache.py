@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 # EVAL (Redis caches the compiled script by its digest), so a restarted Redis never answers NOSCRIPT to a store
 # nobody waits for. One row is a plain SET, which costs Redis a third of the script's time.
 _STORE_SCRIPT = b"for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end"
+# Stores of more rows than this are sent at once: Redis takes about 2 us a row to run one, and a lookup
+# queued behind it in the same write would wait that long, for a saving of one send (about 50 us).
+_QUEUE_MAX_ROWS = 16
 # Store replies a connection may owe before a store reads them: bounds what a run of lookup-free requests
 # (Cache-Control: no-cache) leaves in the socket.
 _MAX_UNREAD = 32
@@ -188,7 +191,7 @@ class PredictionCache:
 
     def set_many(self, items: list[tuple[str, object]]) -> None:
         """Store answers with the TTL as one command, without waiting for its reply (read by this connection's
-        next call). The command waits up to store_delay for that call to carry it in the same write, which
+        next call). A small store waits up to store_delay for that call to carry it in the same write, which
         saves a send and a Redis wake-up per miss; the flusher sends it if no call comes. Failures only open
         a breaker."""
         if not items or not self.usable() or not self._writes.allows():
@@ -208,7 +211,7 @@ class PredictionCache:
                 if not link.queued:
                     link.since = time.monotonic()
                 link.queued.append(hiredis.pack_command(command))
-                if not self.store_delay:
+                if not self.store_delay or len(items) > _QUEUE_MAX_ROWS:
                     self._send(link)
             except (redis.RedisError, OSError) as e:
                 self._lost(link, e)

@@ -5,7 +5,7 @@ import os
 import re
 import sys
 from datetime import UTC, datetime
-from time import perf_counter
+from time import perf_counter, time
 
 import orjson
 from flask import Flask, Response, g, request
@@ -27,22 +27,34 @@ class _Stdout(logging.StreamHandler):
     def stream(self, _value) -> None:
         pass
 
+    def write(self, line: str) -> None:
+        """Write one finished line, as emit() would after formatting."""
+        with self.lock:
+            self.stream.write(line + "\n")
+            self.flush()
+
+
+def json_line(created: float, level: str, logger: str, message: str, fields: dict) -> str:
+    """One log line as JSON: time, level, logger, message, then the fields at the top level."""
+    line = {
+        "time": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"),
+        "level": level,
+        "logger": logger,
+        "message": message,
+    }
+    line.update(fields)
+    return orjson.dumps(line, default=str).decode()
+
 
 class JsonFormatter(logging.Formatter):
     """Each record as one JSON object; request lines merge their fields in at the top level."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Render the record as a single line of JSON."""
-        line = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        line.update(getattr(record, "fields", {}))
+        fields = getattr(record, "fields", {})
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(line, default=str).decode()
+            fields = {**fields, "exception": self.formatException(record.exc_info)}
+        return json_line(record.created, record.levelname, record.name, record.getMessage(), fields)
 
 
 class TextFormatter(logging.Formatter):
@@ -72,6 +84,10 @@ def init_app(app: Flask) -> None:
     configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
     debug = log.isEnabledFor(logging.DEBUG)
     enabled = log.isEnabledFor(logging.INFO)
+    (handler,) = logging.getLogger("app").handlers
+    # JSON request lines skip the LogRecord (caller lookup, thread and process names, handler dispatch):
+    # the same line for a third of the cost, on every request. Text lines are for people; they take the long way.
+    direct = isinstance(handler.formatter, JsonFormatter)
 
     @app.before_request
     def _start() -> None:
@@ -98,5 +114,8 @@ def init_app(app: Flask) -> None:
         }
         if debug and "timings" in g:
             fields["steps_ms"] = {k: round(v * 1000, 3) for k, v in g.timings.items()}
-        log.info("request", extra={"fields": fields})
+        if direct:
+            handler.write(json_line(time(), "INFO", log.name, "request", fields))
+        else:
+            log.info("request", extra={"fields": fields})
         return response

@@ -13,7 +13,7 @@ import numpy as np
 import orjson
 import pytest
 import redis
-from conftest import IRIS_ROWS, basic_auth, free_port
+from conftest import IRIS_ROWS, basic_auth, free_port, wait_for_keys
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
@@ -174,17 +174,21 @@ def test_batch_waits_for_one_round_trip_and_stores_in_one_command_with_ttl(
     assert all(0 < t <= 600 for t in ttls)
 
 
+def test_big_batch_store_is_sent_at_once(make_service, redis_server):
+    """A store of many rows doesn't wait for a next call: a lookup behind it would wait for Redis to run it."""
+    svc = make_service(CACHE_STORE_DELAY_MS=60_000)
+    rows = [[5.0, 3.0, 1.0 + i / 100, 0.2] for i in range(17)]
+    assert cache_header(svc.predict(rows)) == ("MISS", "0")
+    assert wait_for_keys(redis_server.client(), 17) == 17
+
+
 def test_idle_workers_stores_are_sent_after_the_store_delay(make_service, redis_server):
     """A store no later request carries is sent once it has waited CACHE_STORE_DELAY_MS: an idle worker's last
     answers still reach the other workers."""
     svc = make_service(CACHE_STORE_DELAY_MS=20)
     assert cache_header(svc.predict([ROW_A, ROW_B])) == ("MISS", "0")
     assert cache_header(svc.predict([ROW_C])) == ("MISS", "0")
-    watcher = redis_server.client()
-    deadline = time.monotonic() + 10  # generous for a loaded machine; the flusher needs about 20-40 ms
-    while watcher.dbsize() < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert watcher.dbsize() == 3
+    assert wait_for_keys(redis_server.client(), 3) == 3  # the flusher needs about 20-40 ms
 
 
 def test_threads_never_read_each_others_replies(make_service):

@@ -6,7 +6,7 @@ import threading
 import time
 
 import requests
-from conftest import IRIS_ROWS
+from conftest import IRIS_ROWS, wait_for_keys
 
 from bench.servers import tcp_sockets
 
@@ -30,9 +30,7 @@ def test_workers_share_cached_rows(live_server, redis_server, redis_url):
         held = server.held_predict({"features": [row]}, headers={"X-Request-ID": f"held-{n}"})
         warm = server.predict({"features": [row]}, headers={"X-Request-ID": f"warm-{n}"})
         assert warm.headers["X-Cache"] == "MISS"
-        deadline = time.monotonic() + 10  # CACHE_STORE_DELAY_MS (50 ms) twice over, and a slow machine
-        while watcher.dbsize() == n and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert wait_for_keys(watcher, n + 1) == n + 1  # the idle worker's flusher sent the store
         status, headers, body = held.finish()
         assert (status, headers["X-Cache"], body) == (200, "HIT", warm.content)
         assert served_by(server, f"held-{n}")["pid"] != served_by(server, f"warm-{n}")["pid"]
