@@ -31,7 +31,19 @@ from sklearn.linear_model import LogisticRegression
 from app.backends import choose_backend
 from app.registry import load_model, save_model
 from bench import report
-from bench.servers import ROOT, BenchError, Gunicorn, memory, serving, spawn, start_redis, stop, stop_all, wrk
+from bench.servers import (
+    ROOT,
+    BenchError,
+    Gunicorn,
+    memory,
+    serving,
+    spawn,
+    start_redis,
+    stop,
+    stop_all,
+    wait_for_keys,
+    wrk,
+)
 from config import Config
 
 FEATURES = 20
@@ -250,6 +262,9 @@ def check_sibyl(bench: Bench, server: Gunicorn, model: dict) -> None:
     """A first answer must be a MISS stored in Redis, and the same rows then a HIT: the cache works."""
     bench.redis.flushall()
     bench.check(server, model["body"], model["expected"], cache="MISS")
+    rows = len(model["expected"])
+    if wait_for_keys(bench.redis, rows) != rows:
+        raise BenchError(f"{server.name} at {server.url} answered a MISS but stored nothing in Redis")
     bench.check(server, model["body"], model["expected"], cache="HIT")
     bench.check(server, model["hit_body"], model["expected"][:1], cache="HIT")
 

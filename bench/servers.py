@@ -100,6 +100,15 @@ def await_redis(proc: subprocess.Popen, client: redis.Redis, timeout: float = 15
     raise BenchError(f"redis-server did not answer PING within {timeout:.0f} s")
 
 
+def wait_for_keys(client: redis.Redis, n: int) -> int:
+    """Redis's key count once it reaches n, or after 10 s of trying: Sibyl sends its stores without waiting,
+    and an idle worker's last ones after CACHE_STORE_DELAY_MS."""
+    deadline = time.monotonic() + 10
+    while client.dbsize() < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return client.dbsize()
+
+
 def start_redis(workdir: Path) -> tuple[str, redis.Redis]:
     """A private redis-server on a free port; returns its URL and a client."""
     port = free_port()
@@ -164,7 +173,7 @@ class Gunicorn:
         """The app's JSON log lines written to stdout since byte offset."""
         with open(self.stdout, "rb") as f:
             f.seek(offset)
-            return json_lines(f.read().decode())
+            return json_lines(f.read().decode(errors="replace"))
 
     def request_lines(self, offset: int) -> list[dict]:
         """The request-log lines for /predict written since byte offset."""
@@ -191,8 +200,9 @@ def serving(name: str, target: str, workdir: Path, env: dict) -> Iterator[Gunico
 
 
 def json_lines(text: str) -> list[dict]:
-    """The JSON log lines in a server's output (request lines say "message": "request"); other lines skipped."""
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    """The JSON log lines in a server's output (request lines say "message": "request"); other lines skipped.
+    A last line without its newline is still being written (a request wrk gave up on at the end of a run)."""
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.startswith("{")]
 
 
 def tcp_sockets(pid: int, port: int, remote: bool = False) -> set[int]:

@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +30,6 @@ IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 def basic_auth(user: str = USER, key: str = KEY) -> dict:
     """An Authorization header for basic auth."""
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()}
-
-
-def wait_for_keys(client: redis.Redis, n: int) -> int:
-    """Redis's key count once it reaches n (stores are sent without waiting), or after 10 s of trying."""
-    deadline = time.monotonic() + 10
-    while client.dbsize() < n and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return client.dbsize()
 
 
 class RedisServer:

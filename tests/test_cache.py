@@ -13,11 +13,11 @@ import numpy as np
 import orjson
 import pytest
 import redis
-from conftest import IRIS_ROWS, basic_auth, free_port, wait_for_keys
+from conftest import IRIS_ROWS, basic_auth, free_port
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
-from bench.servers import json_lines
+from bench.servers import json_lines, wait_for_keys
 
 ROW_A, ROW_B = IRIS_ROWS
 ROW_C, ROW_D = [5.9, 3.0, 4.2, 1.5], [6.3, 2.5, 5.0, 1.9]
