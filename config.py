@@ -58,7 +58,7 @@ class Config:
     # Redis must answer within this, or the request is served uncached.
     CACHE_TIMEOUT_MS = _number("CACHE_TIMEOUT_MS", "50", minimum=1)
     # A miss's store waits up to this long to share one write with the worker's next Redis call, saving a send
-    # and a Redis wake-up per miss; an idle worker's stores are sent when it runs out (0: send each at once).
+    # and a Redis wake-up per miss; a background thread sends what waited this long (0: send each at once).
     CACHE_STORE_DELAY_MS = _number("CACHE_STORE_DELAY_MS", "50", float)
     # After a Redis failure, skip the cache this long before probing again.
     CACHE_RETRY_SECONDS = _number("CACHE_RETRY_SECONDS", "5", float)
