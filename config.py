@@ -8,17 +8,40 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
-def _number(name: str, default: str, kind: type = int, minimum: float = 0) -> int | float:
-    """Read a numeric setting; a bad value stops startup with one line naming the variable."""
-    raw = _env(name, default)
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
+# Each numeric setting's rule by Config key: (environment variable, type, minimum). check_numbers() applies
+# the same rules to a merged config, so settings passed as a mapping (tests, embedders) meet them too.
+NUMBERS: dict[str, tuple[str, type, float]] = {}
+
+
+def _as_number(name: str, raw: object, kind: type, minimum: float) -> int | float:
+    """raw (an environment string or a value from a mapping) as a kind >= minimum, or ValueError naming name."""
+    if isinstance(raw, str):
+        try:
+            value = kind(raw)
+        except ValueError:
+            value = None
+    else:  # a mapping's value must already be a number of the right kind (True is not 1, 2.5 is not 2)
+        value = raw if type(raw) is kind or (kind is float and type(raw) is int) else None
     if value is None or value < minimum:
         what = "whole number" if kind is int else "number"
-        raise SystemExit(f"sibyl: cannot start: {name}={raw!r} must be a {what} >= {minimum}")
+        raise ValueError(f"{name}={raw!r} must be a {what} >= {minimum}")
     return value
+
+
+def _number(name: str, default: str, kind: type = int, minimum: float = 0, key: str = "") -> int | float:
+    """Read a numeric setting; a bad value stops startup with one line naming the variable."""
+    NUMBERS[key or name] = (name, kind, minimum)
+    try:
+        return _as_number(name, _env(name, default), kind, minimum)
+    except ValueError as e:
+        raise SystemExit(f"sibyl: cannot start: {e}") from None
+
+
+def check_numbers(config: dict) -> None:
+    """Apply every numeric setting's rule to a merged config, turning strings into numbers; ValueError names
+    the first setting that breaks its rule."""
+    for key, (name, kind, minimum) in NUMBERS.items():
+        config[key] = _as_number(name, config[key], kind, minimum)
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -46,7 +69,7 @@ class Config:
 
     # Request limits: rows per request and body bytes (Flask answers 413 past the latter).
     MAX_ROWS = _number("MAX_ROWS", "1000", minimum=1)
-    MAX_CONTENT_LENGTH = _number("MAX_BODY_BYTES", str(1024 * 1024), minimum=1)
+    MAX_CONTENT_LENGTH = _number("MAX_BODY_BYTES", str(1024 * 1024), minimum=1, key="MAX_CONTENT_LENGTH")
 
     # Prediction cache. An empty REDIS_URL disables it (make run starts a private Redis).
     REDIS_URL = _env("REDIS_URL", "")

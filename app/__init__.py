@@ -5,8 +5,9 @@ from flask import Flask
 from app import auth, errors, request_log
 from app.backends import choose_backend
 from app.cache import PredictionCache
+from app.errors import StartupError
 from app.registry import load_model
-from config import Config
+from config import Config, check_numbers
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -14,6 +15,10 @@ def create_app(config: dict | None = None) -> Flask:
     app = Flask(__name__)
     app.config.from_object(Config)
     app.config.update(config or {})
+    try:
+        check_numbers(app.config)  # the environment's values were checked on import; a mapping's are checked here
+    except ValueError as e:
+        raise StartupError(str(e)) from None
     request_log.init_app(app)
     errors.init_app(app)
     auth.init_app(app)

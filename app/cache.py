@@ -16,8 +16,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.errors import StartupError
-
 log = logging.getLogger(__name__)
 
 
@@ -78,8 +76,6 @@ class PredictionCache:
         local_entries: int = 0,
         store_delay_ms: float = 0,
     ) -> None:
-        if ttl < 1:
-            raise StartupError("CACHE_TTL must be at least 1 second (set CACHE_ENABLED=false to turn caching off)")
         self.url = url
         self.ttl = ttl
         self.prefix = prefix
@@ -283,7 +279,8 @@ class PredictionCache:
             try:
                 self._send(link)
             except (redis.RedisError, OSError) as e:
-                self._lost(link, e)
+                # An idle connection Redis closed is not an outage: the owner's next call reconnects.
+                self._lost(link, e, report=not _stale(link, e))
             finally:
                 link.lock.release()
         return waiting
@@ -300,9 +297,8 @@ class PredictionCache:
                 except redis.ResponseError:
                     raise  # an answer: the connection is fine
                 except (redis.RedisError, OSError) as e:
-                    # A connection that worked before and now fails at once (not a timeout) was closed by the
-                    # server while idle: a restart, a failover, Redis's `timeout`. Reconnect once, as redis-py would.
-                    stale = link.used and not isinstance(e, redis.TimeoutError)
+                    # Reconnect once, as redis-py would, when the server closed the connection while idle.
+                    stale = _stale(link, e)
                     self._lost(link, e, report=False)
                     if stale:
                         continue
@@ -386,6 +382,12 @@ class _Flusher(threading.Thread):
             self._wakeup.clear()
             if self.cache.flush(self.cache.store_delay):
                 self._wakeup.set()
+
+
+def _stale(link: _Link, e: Exception) -> bool:
+    """A connection that answered before and now fails at once (not a timeout) was closed by the server while
+    idle: a restart, a failover, Redis's `timeout`."""
+    return link.used and not isinstance(e, redis.TimeoutError)
 
 
 def _encode(value: object) -> bytes:

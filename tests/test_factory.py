@@ -1,6 +1,7 @@
 """The config contract and model loading: verified once at startup, or no start at all."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 from conftest import ROOT, USERS, basic_auth
 
 from app import create_app
+from app.errors import StartupError
 from app.registry import ModelError, file_sha256
 from config import Config
 
@@ -104,6 +106,29 @@ def test_bad_numeric_setting_stops_with_one_line(name, value, tmp_path):
     proc = subprocess.run([sys.executable, "-c", "import config"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"sibyl: cannot start: {name}={value!r} must be a whole number >= 1"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("CACHE_TTL", 0, "CACHE_TTL=0 must be a whole number >= 1"),
+        ("CACHE_STORE_DELAY_MS", -1, "CACHE_STORE_DELAY_MS=-1 must be a number >= 0"),
+        ("MAX_ROWS", True, "MAX_ROWS=True must be a whole number >= 1"),
+        ("MAX_CONTENT_LENGTH", 2.5, "MAX_BODY_BYTES=2.5 must be a whole number >= 1"),
+    ],
+)
+def test_settings_passed_as_a_mapping_meet_the_same_rules(make_app, setting, value, message):
+    """create_app checks a mapping's numbers as the environment's are checked, naming the variable."""
+    with pytest.raises(StartupError, match=f"^{re.escape(message)}$"):
+        make_app(**{setting: value})
+
+
+def test_numeric_strings_in_a_mapping_become_numbers(make_app):
+    """A mapping may carry numbers as strings, as the environment does."""
+    app = make_app(MAX_ROWS="3", CACHE_RETRY_SECONDS="0.5")
+    assert (app.config["MAX_ROWS"], app.config["CACHE_RETRY_SECONDS"]) == (3, 0.5)
+    rows = [[5.1, 3.5, 1.4, 0.2]] * 4
+    assert app.test_client().post("/predict", json={"features": rows}, headers=basic_auth()).status_code == 413
 
 
 def test_register_makes_a_bare_joblib_servable(make_app, tmp_path):
