@@ -104,6 +104,12 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
 
 
+def cpu(run: dict) -> str | None:
+    """CPU µs per request of the server's workers, Redis and wrk, e.g. "603 / 45 / 92"."""
+    c = run.get("cpu_us")
+    return f"{c['server']} / {c['redis']} / {c['wrk']}" if c else None
+
+
 def _split(run: dict) -> str | None:
     """Client connections per worker, e.g. "5/3"."""
     return "/".join(map(str, run["conns_per_worker"])) if run.get("conns_per_worker") else None
@@ -113,9 +119,9 @@ def markdown(results: dict) -> str:
     """The README's benchmark section: targets, Sibyl per scenario, comparison servers, memory, step timings."""
     m, p, runs = results["machine"], results["plan"], results["runs"]
     verdict = {True: "pass", False: "**FAIL**", None: "not run"}
-    perf = ["req/s", "Rounds req/s", "p50 ms", "p99 ms", "Errors", "Conns/worker"]
+    perf = ["req/s", "Rounds req/s", "p50 ms", "p99 ms", "Errors", "Conns/worker", "CPU µs/req"]
     rounds = lambda r: " / ".join(f"{x:.0f}" for x in r.get("rounds_req_s", ()))  # noqa: E731
-    row = lambda r: [r["req_s"], rounds(r), r["p50_ms"], r["p99_ms"], r["errors"], _split(r)]  # noqa: E731
+    row = lambda r: [r["req_s"], rounds(r), r["p50_ms"], r["p99_ms"], r["errors"], _split(r), cpu(r)]  # noqa: E731
     backends = ", ".join(f"{k} {v}" for k, v in results["backends"].items())
     out = [
         "<!-- written by `make bench` (bench/run.py); edit the generator, not this file -->",
@@ -137,8 +143,9 @@ def markdown(results: dict) -> str:
         "",
         "**Sibyl** (× = Sibyl's req/s over the other server's; errors = HTTP ≥ 400 + socket errors; conns/worker = "
         "client connections each worker held 0.5 s in: gthread workers keep the connections they accept, and a run "
-        "that left a worker without any is redone; X-Cache = outcomes in the request log, OFF = Redis overran "
-        "CACHE_TIMEOUT_MS and the circuit breaker served uncached):",
+        "that left a worker without any is redone; CPU µs/req = CPU time per request of the server's workers / "
+        "Redis / wrk, from /proc: together the machine's cost of a request; X-Cache = outcomes in the request log, "
+        "OFF = Redis overran CACHE_TIMEOUT_MS and the circuit breaker served uncached):",
         "",
         *_table(
             ["Model", "Scenario", "Conc.", *perf, "X-Cache", "× raw WSGI", "× Flask", "× naive"],

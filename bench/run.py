@@ -35,6 +35,7 @@ from bench.servers import (
     ROOT,
     BenchError,
     Gunicorn,
+    cpu_seconds,
     memory,
     serving,
     spawn,
@@ -96,6 +97,7 @@ class Bench:
         self.users = f"bench:sha256:{hashlib.sha256(key.encode()).hexdigest()}"
         self.auth = "Basic " + base64.b64encode(f"bench:{key}".encode()).decode()
         self.redis_url, self.redis = start_redis(workdir)
+        self.redis_pid = self.redis.info("server")["process_id"]
         self.seeds = itertools.count(1)  # a new seed per wrk run: no run re-sends another's rows
         self.runs: list[dict] = []
         self.workers = os.cpu_count() or 1  # gunicorn.conf.py's default, set explicitly for every server
@@ -142,8 +144,10 @@ class Bench:
         gthread = os.environ.get("WORKER_CLASS", "sync") == "gthread"
         split = server.connections if c >= self.workers and gthread else None
         # Redo a run whose connections missed a worker (see servers.wrk); the last try is kept as it is.
+        workers = server.workers()
         for attempt in range(1, SPLIT_TRIES + 1):
             offset = server.stdout.stat().st_size
+            cpu = cpu_seconds(workers), cpu_seconds([self.redis_pid])
             if result := wrk(
                 server.url, c, seconds, self.plan.threads, script(), self.auth, split, attempt == SPLIT_TRIES
             ):
@@ -151,6 +155,13 @@ class Bench:
         lines = server.request_lines(offset)
         run = {"server": server.name, "model": model, "shape": shape.name, "rows": shape.rows, "concurrency": c}
         run |= result | {"attempts": attempt, "worker_restarts": server.restarts() - restarts}
+        # Where the machine's CPU went, per request: the server's workers, Redis, and wrk itself.
+        per_request = lambda seconds: round(seconds / max(result["requests"], 1) * 1e6)  # noqa: E731
+        run["cpu_us"] = {
+            "server": per_request(cpu_seconds(workers) - cpu[0]),
+            "redis": per_request(cpu_seconds([self.redis_pid]) - cpu[1]),
+            "wrk": per_request(result["wrk_cores"] * result["requests"] / result["req_s"]),
+        }
         run["cache"] = dict(sorted(Counter(x.get("cache") for x in lines if x.get("cache")).items()))
         notes = f"  ERRORS {run['errors']} {run['error_detail']}" if run["errors"] else ""
         notes += f"  (try {attempt}: earlier connection splits missed a worker)" if attempt > 1 else ""
@@ -159,7 +170,8 @@ class Bench:
         print(
             f"  {server.name + (' [debug]' if debug else ''):13} {model or '':3} {shape.name:13} c={c:<3} "
             f"{run['req_s']:8.1f} req/s  p50 {run['p50_ms']:7.2f} ms  p99 {run['p99_ms']:7.2f} ms  "
-            f"conns/worker {run['conns_per_worker'] or '-'}  wrk {run['wrk_cores']:.2f} cores{notes}",
+            f"conns/worker {run['conns_per_worker'] or '-'}  wrk {run['wrk_cores']:.2f} cores  "
+            f"CPU us/req {report.cpu(run)}{notes}",
             flush=True,
         )
         if run["cache"].get("OFF") and server.env.get("CACHE_ENABLED") != "false":

@@ -221,6 +221,17 @@ def tcp_sockets(pid: int, port: int, remote: bool = False) -> set[int]:
     return held
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far, from /proc/PID/stat."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):  # a worker may have been recycled
+            # Fields after the command name: state is 0, utime 11 and stime 12.
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def memory(pids: list[int]) -> list[dict]:
     """RSS and PSS in MiB of each process, from /proc/PID/smaps_rollup."""
     out = []
