@@ -380,7 +380,12 @@ class _Flusher(threading.Thread):
             time.sleep(self.cache.store_delay)
             # Cleared before looking: a store queued during the round either is seen or sets the event again.
             self._wakeup.clear()
-            if self.cache.flush(self.cache.store_delay):
+            try:
+                waiting = self.cache.flush(self.cache.store_delay)
+            except Exception:  # a dead flusher would leave every idle worker's last stores unsent, silently
+                log.exception("cache flusher failed; the stores it held go out with the next request")
+                waiting = False
+            if waiting:
                 self._wakeup.set()
 
 

@@ -182,6 +182,28 @@ def test_big_batch_store_is_sent_at_once(make_service, redis_server):
     assert wait_for_keys(redis_server.client(), 17) == 17
 
 
+def test_flusher_survives_an_unexpected_error(make_service, redis_server, monkeypatch, capsys):
+    """An error inside the flusher is logged, and the flusher goes on sending later stores."""
+    svc = make_service(CACHE_STORE_DELAY_MS=20)
+    cache = svc.app.extensions["sibyl.cache"]
+    real_flush, calls = cache.flush, []
+
+    def flaky_flush(waited: float = 0.0) -> bool:
+        calls.append(waited)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_flush(waited)
+
+    monkeypatch.setattr(cache, "flush", flaky_flush)
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
+    deadline = time.monotonic() + 10
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cache_header(svc.predict([ROW_B])) == ("MISS", "0")  # carries ROW_A's store; ROW_B's waits
+    assert wait_for_keys(redis_server.client(), 2) == 2
+    assert "cache flusher failed" in capsys.readouterr().out
+
+
 def test_idle_workers_stores_are_sent_after_the_store_delay(make_service, redis_server):
     """A store no later request carries is sent once it has waited CACHE_STORE_DELAY_MS: an idle worker's last
     answers still reach the other workers."""
