@@ -279,8 +279,7 @@ class PredictionCache:
             try:
                 self._send(link)
             except (redis.RedisError, OSError) as e:
-                # An idle connection Redis closed is not an outage: the owner's next call reconnects.
-                self._lost(link, e, report=not _stale(link, e))
+                self._lost(link, e)
             finally:
                 link.lock.release()
         return waiting
@@ -297,11 +296,8 @@ class PredictionCache:
                 except redis.ResponseError:
                     raise  # an answer: the connection is fine
                 except (redis.RedisError, OSError) as e:
-                    # Reconnect once, as redis-py would, when the server closed the connection while idle.
-                    stale = _stale(link, e)
-                    self._lost(link, e, report=False)
-                    if stale:
-                        continue
+                    if self._lost(link, e, report=False):
+                        continue  # reconnect once, as redis-py would
                     raise
                 link.used = True
                 return reply
@@ -310,7 +306,8 @@ class PredictionCache:
     def _send(link: "_Link", command: bytes = b"") -> None:
         """Write the queued stores and then command, in one write; their replies are owed from then on."""
         if link.queued or command:
-            link.conn.send_packed_command([b"".join(link.queued) + command])
+            # join returns a lone command itself: a big MGET is not copied when nothing is queued.
+            link.conn.send_packed_command([b"".join([*link.queued, command])])
             link.unread += len(link.queued)
             link.queued.clear()
 
@@ -326,13 +323,18 @@ class PredictionCache:
             link.unread -= 1
             self._succeeded(self._writes)
 
-    def _lost(self, link: "_Link", e: Exception, report: bool = True) -> None:
-        """Drop a connection that failed mid-conversation (its queued stores and unread replies with it)."""
+    def _lost(self, link: "_Link", e: Exception, report: bool = True) -> bool:
+        """Drop a connection that failed mid-conversation (its queued stores and unread replies with it), and
+        open the breaker unless the server had merely closed it while idle; True in that case (reconnect)."""
+        # One that answered before and now fails at once (not a timeout) was closed by a restart, a failover
+        # or Redis's `timeout`: not an outage, the next call reconnects.
+        stale = link.used and not isinstance(e, redis.TimeoutError)
         link.conn.disconnect()
         link.unread, link.used = 0, False
         link.queued.clear()
-        if report:
+        if report and not stale:
             self._failed(self._conn, e)
+        return stale
 
     def _failed(self, breaker: _Breaker, e: Exception) -> None:
         """Open a breaker, logging only the transition."""
@@ -387,12 +389,6 @@ class _Flusher(threading.Thread):
                 waiting = False
             if waiting:
                 self._wakeup.set()
-
-
-def _stale(link: _Link, e: Exception) -> bool:
-    """A connection that answered before and now fails at once (not a timeout) was closed by the server while
-    idle: a restart, a failover, Redis's `timeout`."""
-    return link.used and not isinstance(e, redis.TimeoutError)
 
 
 def _encode(value: object) -> bytes:

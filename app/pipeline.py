@@ -28,10 +28,9 @@ def predict(model: Model, X: np.ndarray, proba: bool, bypass_cache: bool = False
     else:
         # Answers depend on the artifact, the backend that computed them and what was asked.
         keys = cache.keys(f"{model.sha256[:16]}:{model.backend.name}:{'p' if proba else 'l'}", X)
-        if bypass_cache:
-            stored, redis_ok = [None] * len(X), cache.usable()
-        else:
-            stored, redis_ok = cache.lookup(keys, _valid_proba if proba else _valid_label)
+        valid = _valid_proba if proba else _valid_label
+        # A bypass predicts every row, as a cache that holds nothing would (its outcome is BYPASS regardless).
+        stored, redis_ok = (None, False) if bypass_cache else cache.lookup(keys, valid)
     t1 = perf_counter()
 
     if stored is None:

@@ -160,8 +160,7 @@ class Gunicorn:
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 with contextlib.suppress(OSError):
-                    # Fields after the command name (which may hold spaces): state, ppid, ...
-                    if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == self.proc.pid:
+                    if int(_stat(int(entry.name))[1]) == self.proc.pid:  # ppid
                         pids.append(int(entry.name))
         return sorted(pids)
 
@@ -175,9 +174,9 @@ class Gunicorn:
             f.seek(offset)
             return json_lines(f.read().decode(errors="replace"))
 
-    def request_lines(self, offset: int) -> list[dict]:
-        """The request-log lines for /predict written since byte offset."""
-        return [x for x in self.log_lines(offset) if x.get("path") == "/predict"]
+    def request_lines(self, offset: int = 0) -> list[dict]:
+        """The request-log lines written since byte offset."""
+        return requests_in(self.log_lines(offset))
 
     def restarts(self) -> int:
         """Workers recycled so far (max_requests), counted in gunicorn's log."""
@@ -205,6 +204,11 @@ def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.split("\n")[:-1] if line.startswith("{")]
 
 
+def requests_in(lines: list[dict]) -> list[dict]:
+    """The request-log lines ("message": "request", one per request) among a server's JSON log lines."""
+    return [x for x in lines if x.get("message") == "request"]
+
+
 def tcp_sockets(pid: int, port: int, remote: bool = False) -> set[int]:
     """Inodes of the established TCP sockets process `pid` holds on `port`: its own end (connections a
     server accepted) or, with remote=True, the far end (its client connections to that port). From /proc."""
@@ -221,14 +225,18 @@ def tcp_sockets(pid: int, port: int, remote: bool = False) -> set[int]:
     return held
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces): state, ppid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds the processes have used so far, from /proc/PID/stat."""
     ticks = 0
     for pid in pids:
         with contextlib.suppress(OSError):  # a worker may have been recycled
-            # Fields after the command name: state is 0, utime 11 and stime 12.
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            ticks += int(fields[11]) + int(fields[12])
+            fields = _stat(pid)
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -17,7 +17,7 @@ from conftest import IRIS_ROWS, basic_auth, free_port
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
-from bench.servers import json_lines, wait_for_keys
+from bench.servers import json_lines, requests_in, wait_for_keys
 
 ROW_A, ROW_B = IRIS_ROWS
 ROW_C, ROW_D = [5.9, 3.0, 4.2, 1.5], [6.3, 2.5, 5.0, 1.9]
@@ -95,9 +95,9 @@ def cache_header(resp) -> tuple[str, str]:
     return resp.headers["X-Cache"], resp.headers["X-Cache-Hits"]
 
 
-def stdout_lines(capsys) -> list[dict]:
-    """The app's JSON log lines written to stdout since the last read."""
-    return json_lines(capsys.readouterr().out)
+def logged_requests(capsys) -> list[dict]:
+    """The app's request-log lines written to stdout since the last read."""
+    return requests_in(json_lines(capsys.readouterr().out))
 
 
 def test_repeat_request_is_served_from_cache(make_service):
@@ -115,12 +115,12 @@ def test_partial_batch_predicts_only_missing_rows(make_service, capsys):
     svc = make_service()
     svc.predict([ROW_A, ROW_C])
     svc.backend.calls.clear()
-    stdout_lines(capsys)
+    capsys.readouterr()
     resp = svc.predict([ROW_A, ROW_B, ROW_C, ROW_D])
     assert cache_header(resp) == ("PARTIAL", "2")
     assert len(svc.backend.calls) == 1
     np.testing.assert_array_equal(svc.backend.calls[0], [ROW_B, ROW_D])
-    line = [x for x in stdout_lines(capsys) if x["message"] == "request"][-1]
+    line = logged_requests(capsys)[-1]
     assert (line["cache"], line["cache_hits"], line["rows"]) == ("PARTIAL", 2, 4)
 
 
@@ -423,9 +423,9 @@ def test_headers_and_log_line_report_cache_outcome_and_counts(make_service, caps
     """X-Cache / X-Cache-Hits and the request log's cache, cache_hits and rows agree for every outcome."""
     svc = make_service()
     for rows, headers, outcome, hits in CACHE_SEQUENCE:
-        stdout_lines(capsys)
+        capsys.readouterr()
         resp = svc.predict(rows, headers=headers)
-        (line,) = [x for x in stdout_lines(capsys) if x["message"] == "request"]
+        (line,) = logged_requests(capsys)
         assert cache_header(resp) == (outcome, str(hits))
         assert (line["cache"], line["cache_hits"], line["rows"]) == (outcome, hits, len(rows))
 

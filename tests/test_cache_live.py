@@ -16,7 +16,7 @@ REPEATED = [*IRIS_ROWS, [5.9, 3.0, 4.2, 1.5], [6.3, 2.5, 5.0, 1.9]]
 
 def served_by(server, request_id: str) -> dict:
     """The request log line of one request (the line is written before the response leaves the worker)."""
-    (line,) = [x for x in server.log_lines() if x.get("message") == "request" and x["request_id"] == request_id]
+    (line,) = [x for x in server.request_lines() if x["request_id"] == request_id]
     return line
 
 
@@ -36,7 +36,7 @@ def test_workers_share_cached_rows(live_server, redis_server, redis_url):
         assert served_by(server, f"held-{n}")["pid"] != served_by(server, f"warm-{n}")["pid"]
 
     # Each worker opened its own connection after the fork; the master (which loaded the app) holds none.
-    workers = {x["pid"] for x in server.log_lines() if x.get("message") == "request"}
+    workers = {x["pid"] for x in server.request_lines()}
     assert len(workers) == 2
     assert tcp_sockets(server.proc.pid, redis_server.port, remote=True) == set()
     a, b = (tcp_sockets(pid, redis_server.port, remote=True) for pid in workers)
@@ -94,7 +94,7 @@ def test_redis_outage_under_load_serves_uncached_and_recovers(live_server, own_r
     assert {"HIT", "OFF"} <= outcomes  # cached before the kill, uncached during the outage
 
     # Hits resume in both workers without restarting gunicorn (the breaker re-probes after 0.5 s).
-    before = {x["pid"] for x in server.log_lines() if x.get("message") == "request"}
+    before = {x["pid"] for x in server.request_lines()}
     hit_pids = set()
     deadline = time.monotonic() + 10
     for i in range(100):

@@ -30,7 +30,7 @@ def test_both_workers_answer(live_server):
     status, _, body = held.finish()
     assert (status, free.status_code) == (200, 200)
     assert body == free.content and b"virginica" in body
-    pids = {line["request_id"]: line["pid"] for line in server.log_lines() if line.get("message") == "request"}
+    pids = {line["request_id"]: line["pid"] for line in server.request_lines()}
     assert pids["held"] != pids["free"]
 
 

@@ -2,12 +2,12 @@
 
 from conftest import IRIS_ROWS, KEY, USER, basic_auth
 
-from bench.servers import json_lines
+from bench.servers import json_lines, requests_in
 
 
 def request_lines(out: str) -> list[dict]:
     """Request log lines from captured stdout."""
-    return [line for line in json_lines(out) if line["message"] == "request"]
+    return requests_in(json_lines(out))
 
 
 def test_one_line_per_request_with_fields(client, capsys):
