@@ -62,6 +62,8 @@ class Config:
     MODEL_SHA256 = _env("MODEL_SHA256", "")
     # auto: compiled ONNX when it converts and verifies, else scikit-learn; onnx: fail if it can't.
     INFERENCE_BACKEND = _env("INFERENCE_BACKEND", "auto")
+    # Converting a model to ONNX at startup runs in a child process that is killed after this long.
+    COMPILE_TIMEOUT_SECONDS = _number("COMPILE_TIMEOUT_SECONDS", "300", float, minimum=1)
 
     # Users: "name:sha256hex" entries, comma-separated, and/or a file with one entry per line.
     SIBYL_USERS = _env("SIBYL_USERS", "")
@@ -78,6 +80,11 @@ class Config:
     CACHE_PREFIX = _env("CACHE_PREFIX", "sibyl:")
     # Answers each worker also keeps in memory, so a repeated row costs no Redis round trip (0 turns it off).
     CACHE_LOCAL_ENTRIES = _number("CACHE_LOCAL_ENTRIES", "10000")
+    # ... and at most this many bytes of them (keys and stored answers), whichever bound is reached first.
+    CACHE_LOCAL_BYTES = _number("CACHE_LOCAL_BYTES", str(64 * 1024 * 1024))
+    # shared: one user's cached row is a hit for every user. user: each user has their own entries, so X-Cache
+    # never tells anyone that somebody else sent the same row.
+    CACHE_SCOPE = _env("CACHE_SCOPE", "shared")
     # Redis must answer within this, or the request is served uncached.
     CACHE_TIMEOUT_MS = _number("CACHE_TIMEOUT_MS", "50", minimum=1)
     # A miss's store waits up to this long to share one write with the worker's next Redis call, saving a send

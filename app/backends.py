@@ -1,9 +1,11 @@
 """(7) Predictors behind one interface: scikit-learn itself, or the same model compiled to ONNX."""
 
+import hashlib
 import logging
 import os
 import pickle
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,12 @@ warnings.filterwarnings("ignore", message="X does not have valid feature names")
 threadpool_limits(1)
 
 
+def _scope(name: str, *parts: str) -> str:
+    """A cache-key scope: the backend's name and a short digest of everything else that decides its answers, so
+    replicas running other library versions (a rolling upgrade) never share keys."""
+    return f"{name}.{hashlib.sha256(' '.join(parts).encode()).hexdigest()[:12]}"
+
+
 class SklearnBackend:
     """Calls the estimator directly, single-threaded, with scikit-learn's re-validation turned off."""
 
@@ -33,6 +41,7 @@ class SklearnBackend:
 
     def __init__(self, estimator: Any) -> None:
         self.estimator = estimator
+        self.scope = _scope(self.name, f"scikit-learn {sklearn.__version__}", f"numpy {np.__version__}")
         for key in estimator.get_params(deep=True):
             if key == "n_jobs" or key.endswith("__n_jobs"):
                 estimator.set_params(**{key: 1})
@@ -55,6 +64,9 @@ class OnnxBackend:
     def __init__(self, onnx_bytes: bytes, model: Model, dtype: type) -> None:
         self.onnx_bytes = onnx_bytes
         self.dtype = dtype
+        # Versions read from package metadata: importing onnxruntime here (the master) would break forked workers.
+        libs = (f"{lib} {version(lib)}" for lib in ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy"))
+        self.scope = _scope(self.name, np.dtype(dtype).name, *libs)
         self.classes = np.asarray(model.classes) if model.classes is not None else None
         # scikit-learn itself: what verification compares against, and what answers near-tie rows.
         self.reference = SklearnBackend(model.estimator)

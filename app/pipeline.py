@@ -26,8 +26,9 @@ def predict(model: Model, X: np.ndarray, proba: bool, bypass_cache: bool = False
     if not cache.enabled:
         keys, stored, redis_ok = None, None, False
     else:
-        # Answers depend on the artifact, the backend that computed them and what was asked.
-        keys = cache.keys(f"{model.sha256[:16]}:{model.backend.name}:{'p' if proba else 'l'}", X)
+        # Answers depend on the artifact, the backend that computed them (its precision and library versions)
+        # and what was asked.
+        keys = cache.keys(f"{model.sha256[:16]}:{model.backend.scope}:{'p' if proba else 'l'}", X)
         valid = _valid_proba if proba else _valid_label
         # A bypass predicts every row, as a cache that holds nothing would (its outcome is BYPASS regardless).
         stored, redis_ok = (None, False) if bypass_cache else cache.lookup(keys, valid)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import redis
 from conftest import basic_auth
 from sklearn.ensemble import (
     GradientBoostingClassifier,
@@ -15,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
 from app import backends
-from app.registry import ModelError
+from app.registry import ModelError, load_model
 
 ESTIMATORS = {
     "logistic": (LogisticRegression, {}),
@@ -124,3 +125,27 @@ def test_invalid_backend_setting(make_app):
     """A typo in INFERENCE_BACKEND stops startup."""
     with pytest.raises(ModelError, match="INFERENCE_BACKEND"):
         make_app(INFERENCE_BACKEND="fast")
+
+
+def test_cache_scope_names_precision_and_library_versions(iris_path, monkeypatch):
+    """Replicas on other library versions, or a graph of another input precision, never share cache keys."""
+    model = load_model(iris_path)
+    onnx_bytes = backends._convert(model, np.float64)
+    scopes = {backends.OnnxBackend(onnx_bytes, model, dtype).scope for dtype in (np.float32, np.float64)}
+    sk = backends.SklearnBackend(model.estimator).scope
+    monkeypatch.setattr(backends, "version", lambda lib: "0.0-other")
+    upgraded = backends.OnnxBackend(onnx_bytes, model, np.float64).scope
+    monkeypatch.setattr(backends.sklearn, "__version__", "0.0-other")
+    assert backends.SklearnBackend(model.estimator).scope != sk
+    assert len(scopes | {sk, upgraded}) == 4
+
+
+def test_cache_keys_carry_the_backend_scope(make_app, redis_url):
+    """What Redis holds is keyed by the backend's full scope, not only its name."""
+    app = make_app(REDIS_URL=redis_url, CACHE_STORE_DELAY_MS=0)
+    r = app.test_client().post("/predict", json={"features": [[5.1, 3.5, 1.4, 0.2]]}, headers=basic_auth())
+    assert r.status_code == 200
+    app.extensions["sibyl.cache"].settle()
+    scope = app.extensions["sibyl.model"].backend.scope
+    keys = redis.Redis.from_url(redis_url).keys("*")
+    assert keys and all(f":{scope}:".encode() in k for k in keys)
