@@ -29,7 +29,7 @@ class CountingBackend:
 
     def __init__(self, inner) -> None:
         self.inner = inner
-        self.name = inner.name  # part of the cache key, so it must stay the real one
+        self.name, self.scope = inner.name, inner.scope  # part of the cache key, so it must stay the real one
         self.calls: list[np.ndarray] = []
 
     def predict(self, X: np.ndarray, proba: bool):
