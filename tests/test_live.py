@@ -1,25 +1,35 @@
 """A real gunicorn with 2 workers over real sockets: the README's curl, both workers, same errors as in-process."""
 
+import re
 import signal
 import subprocess
 
 import orjson
 import pytest
 import requests
-from conftest import IRIS_ROWS, KEY, USER, basic_auth
+from conftest import IRIS_ROWS, KEY, ROOT, USER, basic_auth
 
 JSON = {"Content-Type": "application/json"}
 
 
-def test_readme_curl_shape_works(live_server, tmp_path):
-    """The README's curl command, run as printed (with the test user), answers the documented body."""
+def readme_example(heading: str) -> tuple[str, str]:
+    """The first sh block under a README heading that runs curl, and the json block right after it."""
+    section = (ROOT / "README.md").read_text().split(f"\n## {heading}\n", 1)[1]
+    command = re.search(r"```sh\n(curl .*?)\n```", section, re.S).group(1)
+    answer = re.search(r"```json\n(.*?)\n```", section[section.index(command) :], re.S).group(1)
+    return command, answer
+
+
+def test_readme_curl_works_as_printed(live_server):
+    """The README's curl command, run as printed (with the test user's key and the server's port), answers
+    exactly the body the README shows: README drift fails this test."""
     server = live_server()
-    out = subprocess.run(
-        ["curl", "-s", "-u", f"{USER}:{KEY}", "-X", "POST", "-H", "Content-Type: application/json",
-         "-d", '{"features": [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]}', f"{server.url}/predict"],
-        capture_output=True, text=True, timeout=30, check=True,
-    ).stdout  # fmt: skip
-    assert out == '{"predictions":["setosa","virginica"],"model":{"name":"iris","version":"1"}}'
+    command, answer = readme_example("The two commands")
+    assert '"demo:$(cat .sibyl/demo-key)"' in command and "http://127.0.0.1:8000/" in command
+    command = command.replace('"demo:$(cat .sibyl/demo-key)"', f"'{USER}:{KEY}'")
+    command = command.replace("http://127.0.0.1:8000/", server.url + "/")
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out == answer
 
 
 def test_both_workers_answer(live_server):

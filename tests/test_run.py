@@ -1,0 +1,100 @@
+"""`make run` (scripts/run.sh) as a user meets it: a curl for the served model, once it serves; one per folder."""
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import ROOT
+from sklearn.linear_model import LinearRegression
+
+from bench.servers import free_port
+
+
+class RunScript:
+    """scripts/run.sh in its own process group, its output collected line by line."""
+
+    def __init__(self, env: dict, log: Path) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                ["scripts/run.sh"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def output(self) -> str:
+        """Everything printed so far."""
+        return self.log.read_text()
+
+    def wait_for(self, text: str, timeout: float = 120) -> str:
+        """The output once it holds text; fails if the script exits first."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert self.proc.poll() is None, f"run.sh exited early:\n{self.output()}"
+            assert time.monotonic() < deadline, f"no {text!r} in:\n{self.output()}"
+            time.sleep(0.1)
+        return self.output()
+
+    def interrupt(self) -> int:
+        """Ctrl-C, as a terminal sends it to the whole foreground group; the exit status."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            return self.proc.wait(30)
+        finally:
+            with_group_gone(self.proc.pid)
+
+
+def with_group_gone(pgid: int) -> None:
+    """Fail (after killing them) if any of the script's processes outlived it."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(pgid, signal.SIGKILL)
+    pytest.fail("gunicorn or Redis outlived make run")
+
+
+@pytest.fixture
+def run_env(tmp_path, make_model):
+    """Environment for run.sh serving a non-iris model with named features on a free port, state in tmp_path."""
+    path = make_model(LinearRegression(), n_features=3, name="prices", classify=False, feature_names=["x", "y", "z"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIBYL_", "REDIS_", "CACHE_"))}
+    port = free_port()
+    env.update(MODEL_PATH=str(path), BIND=f"127.0.0.1:{port}", SIBYL_STATE_DIR=str(tmp_path / "state"))
+    env.update(WEB_CONCURRENCY="1")
+    return env
+
+
+def test_make_run_prints_a_working_curl_for_the_served_model(run_env, tmp_path):
+    """The printed curl is built from the served model's own features and answers 200 as pasted."""
+    run = RunScript(run_env, tmp_path / "run.log")
+    try:
+        out = run.wait_for("/predict\n")
+        assert out.index("sibyl: serving") > out.index("Listening at")  # "serving" only once it answers
+        command = out[out.index("  curl") :].split("/predict")[0] + "/predict"
+        assert '"x": ' in command and '"z": ' in command and "setosa" not in command
+        answer = subprocess.run(["bash", "-c", command.replace("\\\n", " ")], capture_output=True, timeout=30)
+        body = orjson.loads(answer.stdout)
+        assert body["model"] == {"name": "prices", "version": "1"} and len(body["predictions"]) == 1
+    finally:
+        assert run.interrupt() in (0, 130, -signal.SIGINT)
+
+
+def test_second_make_run_in_the_same_folder_is_refused(run_env, tmp_path):
+    """A second make run would take over the first one's Redis socket: it stops with one line naming the first."""
+    first = RunScript(run_env, tmp_path / "first.log")
+    try:
+        first.wait_for("sibyl: serving")
+        second = RunScript({**run_env, "BIND": f"127.0.0.1:{free_port()}"}, tmp_path / "second.log")
+        assert second.proc.wait(30) == 1
+        (line,) = second.output().splitlines()
+        assert re.fullmatch(rf"sibyl: cannot start: make run is already running here \(pid {first.proc.pid}, .*", line)
+        assert first.proc.poll() is None  # and the first one still serves
+    finally:
+        first.interrupt()
