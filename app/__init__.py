@@ -35,11 +35,9 @@ def create_app(config: dict | None = None) -> Flask:
         store_delay_ms=app.config["CACHE_STORE_DELAY_MS"],
     )
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
-    from app import cli, health
+    from app import health
     from app.protocols import native
 
     app.register_blueprint(health.bp)
     app.register_blueprint(native.bp)
-    app.cli.add_command(cli.create_user)
-    app.cli.add_command(cli.register)
     return app

@@ -1,4 +1,4 @@
-"""Operator commands: `python -m app.cli create-user NAME`, `register model.joblib`, `curl model.joblib`."""
+"""Operator commands, run with no app (so no users or model needed): `python -m app.cli create-user NAME` etc."""
 
 import json
 import shlex

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import ROOT
+from conftest import ROOT, basic_auth
 from sklearn.linear_model import LinearRegression
 
 from bench.servers import free_port
@@ -98,3 +98,19 @@ def test_second_make_run_in_the_same_folder_is_refused(run_env, tmp_path):
         assert first.proc.poll() is None  # and the first one still serves
     finally:
         first.interrupt()
+
+
+def test_first_production_user_is_made_without_a_running_config(tmp_path, make_app):
+    """`python -m app.cli create-user` needs no users, model or Redis, so it makes the first production user;
+    SIBYL_ENV=production then starts with that file and accepts the printed key."""
+    env = {**os.environ, "SIBYL_ENV": "production", "SIBYL_USERS": "", "MODEL_PATH": str(tmp_path / "none.joblib")}
+    users = tmp_path / "users"
+    made = subprocess.run(
+        [".venv/bin/python", "-m", "app.cli", "create-user", "admin", "--file", str(users)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    key = re.search(r"^key:  (\S+)$", made.stdout, re.M).group(1)
+    app = make_app(SIBYL_ENV="production", SIBYL_USERS="", SIBYL_USERS_FILE=str(users))
+    r = app.test_client().post("/predict", json={"features": [[5.1, 3.5, 1.4, 0.2]]}, headers=basic_auth("admin", key))
+    assert r.status_code == 200
