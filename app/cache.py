@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoPermissionError
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,13 @@ class _Breaker:
         """Whether to try now: healthy, or the back-off has passed (the next call is the probe)."""
         return not self.down or time.monotonic() >= self._until
 
-    def failed(self, e: Exception) -> bool:
+    def failed(self, reason: str) -> bool:
         """Start (or extend) the back-off; True if this call is the one that took it down."""
         with self._lock:
             self._until = time.monotonic() + self.seconds
             if self.down:
                 return False
-            self.down, self.reason = True, _describe(e)
+            self.down, self.reason = True, reason
             return True
 
     def succeeded(self) -> bool:
@@ -110,7 +111,8 @@ class PredictionCache:
 
     @property
     def reason(self) -> str:
-        """Why the cache is degraded, for /ready; never the URL (it may hold a password)."""
+        """Why the cache is degraded, for the unauthenticated /ready: auth, timeout, down or read-only (the log
+        has redis-py's message, which names hosts, ports and socket paths)."""
         return self._conn.reason or self._writes.reason
 
     def usable(self) -> bool:
@@ -198,7 +200,11 @@ class PredictionCache:
         else:
             keys, values = zip(*items)
             command = (b"EVAL", _STORE_SCRIPT, len(keys), *keys, self.ttl, *map(_encode, values))
-        link = self._link()
+        try:
+            link = self._link()
+        except redis.RedisError as e:
+            self._failed(self._conn, e)
+            return
         with link.lock:
             try:
                 if link.unread + len(link.queued) >= _MAX_UNREAD:
@@ -217,7 +223,11 @@ class PredictionCache:
 
     def settle(self) -> None:
         """Send this thread's queued stores and read the replies to all it sent: afterwards they are in Redis."""
-        link = self._link()
+        try:
+            link = self._link()
+        except redis.RedisError as e:
+            self._failed(self._conn, e)
+            return
         with link.lock:
             try:
                 self._send(link)
@@ -236,24 +246,29 @@ class PredictionCache:
         return self.state
 
     def _link(self) -> "_Link":
-        """This thread's connection; made after fork, so workers never share a socket."""
-        if self._pid != os.getpid():
-            self._pool = redis.ConnectionPool.from_url(
-                self.url,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                # No retries: one timeout per breaker period is all a dead Redis may cost.
-                retry=Retry(NoBackoff(), 0),
-                health_check_interval=0,
-            )
-            self._links = threading.local()
-            self._link_set = weakref.WeakSet()
-            self._flusher = None  # threads don't survive a fork
-            self._pid = os.getpid()
-        link = getattr(self._links, "link", None)
-        if link is None:
+        """This thread's connection; made after fork, so workers never share a socket. Any failure to set it up
+        (a URL redis-py refuses, a bad TLS option) is a redis.ConnectionError: the cache is down, not the request."""
+        link = getattr(self._links, "link", None) if self._pid == os.getpid() else None
+        if link is not None:
+            return link
+        try:
+            if self._pid != os.getpid():
+                self._pool = redis.ConnectionPool.from_url(
+                    self.url,
+                    socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout,
+                    # No retries: one timeout per breaker period is all a dead Redis may cost.
+                    retry=Retry(NoBackoff(), 0),
+                    health_check_interval=0,
+                )
+                self._links = threading.local()
+                self._link_set = weakref.WeakSet()
+                self._flusher = None  # threads don't survive a fork
+                self._pid = os.getpid()
             link = self._links.link = _Link(self._pool.make_connection())
-            self._link_set.add(link)  # weak: a finished thread's link goes with it
+        except Exception as e:
+            raise redis.ConnectionError(f"cannot set up a Redis connection: {_describe(e)}") from e
+        self._link_set.add(link)  # weak: a finished thread's link goes with it
         return link
 
     def _flusher_for_this_process(self) -> "_Flusher":
@@ -337,10 +352,10 @@ class PredictionCache:
         return stale
 
     def _failed(self, breaker: _Breaker, e: Exception) -> None:
-        """Open a breaker, logging only the transition."""
-        if breaker.failed(e):
+        """Open a breaker with a coarse reason, logging only the transition, with the detail."""
+        if breaker.failed(_reason(e) if breaker is self._conn else "read-only"):
             what = "cache down, serving uncached" if breaker is self._conn else "cache writes refused, not storing"
-            log.warning("%s; retrying every %.0fs: %s", what, breaker.seconds, breaker.reason)
+            log.warning("%s; retrying every %.0fs: %s", what, breaker.seconds, _describe(e))
 
     def _succeeded(self, breaker: _Breaker) -> None:
         """Close a breaker, logging only the recovery."""
@@ -405,11 +420,19 @@ def _decode(raw: bytes) -> object:
         return None
 
 
+def _reason(e: Exception) -> str:
+    """A connection failure's reason from a fixed vocabulary (auth, timeout, down), safe for anyone to read."""
+    if isinstance(e, redis.AuthenticationError | NoPermissionError) or "WRONGPASS" in str(e) or "NOAUTH" in str(e):
+        return "auth"
+    return "timeout" if isinstance(e, redis.TimeoutError) else "down"
+
+
 def _describe(e: Exception) -> str:
-    """A one-line reason for a Redis failure with nothing secret in it."""
-    if isinstance(e, redis.AuthenticationError) or "WRONGPASS" in str(e) or "NOAUTH" in str(e):
+    """A one-line reason for a Redis failure, for the log: never the password, but hosts and paths, yes."""
+    reason = _reason(e)
+    if reason == "auth":
         return "authentication failed (check the user and password in REDIS_URL)"
-    if isinstance(e, redis.TimeoutError):
+    if reason == "timeout":
         return "Redis did not answer in time (CACHE_TIMEOUT_MS)"
     message = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {message[:200]}"

@@ -109,4 +109,4 @@ def test_models_lists_metadata(client):
 def test_health_and_ready_need_no_auth(client):
     """Probes answer without credentials and reveal nothing about the model."""
     assert client.get("/health").json == {"status": "ok"}
-    assert client.get("/ready").json == {"status": "ready", "model": "loaded", "cache": "off"}
+    assert client.get("/ready").json == {"status": "ready", "model": "ok", "cache": "off"}
