@@ -33,6 +33,8 @@ def create_app(config: dict | None = None) -> Flask:
         retry_seconds=app.config["CACHE_RETRY_SECONDS"],
         local_entries=app.config["CACHE_LOCAL_ENTRIES"],
         store_delay_ms=app.config["CACHE_STORE_DELAY_MS"],
+        local_bytes=app.config["CACHE_LOCAL_BYTES"],
+        per_user=app.config["CACHE_SCOPE"] == "user",
     )
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
     from app import health

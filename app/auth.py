@@ -13,8 +13,20 @@ from app.errors import StartupError, error_response
 
 log = logging.getLogger(__name__)
 
+
+class _BearerAuth(HTTPTokenAuth):
+    """RFC 7235: auth schemes are case-insensitive. flask-httpauth 4.8's MultiAuth picks a scheme by exact match
+    (`scheme == self.scheme`), so `bearer KEY` fell through to basic auth and got 401. Basic needs no fix: it is
+    the fallback, and its parser ignores the scheme's spelling."""
+
+    def is_compatible_auth(self, headers) -> bool:
+        """Whether the Authorization header names this scheme, in any case."""
+        parts = headers.get("Authorization", "").split(None, 1)
+        return len(parts) == 2 and parts[0].lower() == self.scheme.lower()
+
+
 basic = HTTPBasicAuth(realm="sibyl")
-bearer = HTTPTokenAuth(scheme="Bearer")
+bearer = _BearerAuth(scheme="Bearer")
 auth = MultiAuth(basic, bearer)
 
 # Files written by `make run` carry this marker; production refuses them.

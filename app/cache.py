@@ -1,5 +1,6 @@
 """(5) Per-row answers from this worker's memory, then Redis; fail-open: a Redis problem is a miss, never an error."""
 
+import functools
 import hashlib
 import logging
 import os
@@ -14,6 +15,7 @@ import numpy as np
 import orjson
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoPermissionError
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ _QUEUE_MAX_ROWS = 16
 # Store replies a connection may owe before a store reads them: bounds what a run of lookup-free requests
 # (Cache-Control: no-cache) leaves in the socket.
 _MAX_UNREAD = 32
+# A stored value is "<expiry: unix time in ms, 13 digits> <answer as JSON>". A worker that fetches it keeps its
+# local copy until then, so the copy never outlives Redis's (which expires CACHE_TTL after the SET, a little later).
+_HEAD = len(b"1733090000123 ")
 
 
 class _Breaker:
@@ -45,13 +50,13 @@ class _Breaker:
         """Whether to try now: healthy, or the back-off has passed (the next call is the probe)."""
         return not self.down or time.monotonic() >= self._until
 
-    def failed(self, e: Exception) -> bool:
+    def failed(self, reason: str) -> bool:
         """Start (or extend) the back-off; True if this call is the one that took it down."""
         with self._lock:
             self._until = time.monotonic() + self.seconds
             if self.down:
                 return False
-            self.down, self.reason = True, _describe(e)
+            self.down, self.reason = True, reason
             return True
 
     def succeeded(self) -> bool:
@@ -75,6 +80,8 @@ class PredictionCache:
         retry_seconds: float,
         local_entries: int = 0,
         store_delay_ms: float = 0,
+        local_bytes: int = 64 * 1024 * 1024,
+        per_user: bool = False,
     ) -> None:
         self.url = url
         self.ttl = ttl
@@ -83,6 +90,8 @@ class PredictionCache:
         # How long a store may wait for this thread's next command to carry it (0: send each store at once).
         self.store_delay = store_delay_ms / 1000
         self.enabled = bool(url)
+        # CACHE_SCOPE=user: each user's rows have their own keys, so a HIT never says someone else sent the row.
+        self.per_user = per_user
         # Connection breaker: Redis down, slow or refusing us. Write breaker: Redis readable but refusing
         # writes (OOM under noeviction, a READONLY replica), where cached reads are still worth having.
         self._conn = _Breaker(retry_seconds)
@@ -95,11 +104,16 @@ class PredictionCache:
         self._flusher_lock = threading.Lock()
         # This worker's own copy of recent answers, so a repeated row costs no round trip. An answer is a pure
         # function of its key (model sha256, backend, kind, row), so a local copy is never wrong, only kept
-        # no longer than Redis would keep it.
-        self.local_entries = local_entries
-        # OrderedDict: dropping a plain dict's oldest key leaves tombstones that every later drop rescans
-        # (3.5 ms per 1000 inserts once full, against 0.2 ms here).
-        self._local: OrderedDict[str, tuple[float, object]] = OrderedDict()
+        # no longer than Redis keeps it. Bounded in entries and in bytes (keys and stored values): a 1,000-class
+        # model's probabilities are about 20 kB a row. Values are kept encoded, as Redis holds them, so the byte
+        # count is what they weigh; a hit decodes its row (about 0.2 us for iris probabilities).
+        self.local_entries = local_entries if local_bytes else 0
+        self.local_bytes = local_bytes
+        # OrderedDict: least recently used first; dropping a plain dict's oldest key leaves tombstones that every
+        # later drop rescans (3.5 ms per 1000 inserts once full, against 0.2 ms here).
+        self._local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._local_size = 0  # bytes of its keys and values
+        self._local_lock = threading.Lock()  # threaded workers: the size must stay the sum of what is held
 
     @property
     def state(self) -> str:
@@ -110,15 +124,19 @@ class PredictionCache:
 
     @property
     def reason(self) -> str:
-        """Why the cache is degraded, for /ready; never the URL (it may hold a password)."""
+        """Why the cache is degraded, for the unauthenticated /ready: auth, timeout, down or read-only (the log
+        has redis-py's message, which names hosts, ports and socket paths)."""
         return self._conn.reason or self._writes.reason
 
     def usable(self) -> bool:
         """Whether to try Redis now: configured, and not inside a back-off after a failure."""
         return self.enabled and self._conn.allows()
 
-    def keys(self, scope: str, X: np.ndarray) -> list[str]:
-        """One key per row: prefix + scope + a digest of the row's canonical float64 bytes."""
+    def keys(self, scope: str, X: np.ndarray, user: str | None = None) -> list[str]:
+        """One key per row: prefix + scope (+ the user's digest, per-user scope) + a digest of the row's canonical
+        float64 bytes."""
+        if self.per_user:
+            scope = f"{scope}:u{_user_digest(user or '')}"
         # Adding 0.0 turns -0.0 into 0.0, so the two spellings of zero share a key.
         data = np.ascontiguousarray(X + 0.0).tobytes()
         width = X.shape[1] * 8
@@ -126,10 +144,11 @@ class PredictionCache:
         blake = hashlib.blake2b
         return [head + blake(data[i : i + width], digest_size=16).hexdigest() for i in range(0, len(data), width)]
 
-    def lookup(self, keys: list[str], valid: Callable[[object], bool]) -> tuple[list, bool]:
+    def lookup(self, keys: list[str], valid: Callable[[object], bool], remember: bool = True) -> tuple[list, bool]:
         """Answers for keys (None where absent) from this worker's memory, then Redis; and whether Redis answered.
 
-        A stored value that doesn't decode, or that `valid` rejects (another version's format), is a miss.
+        A stored value that doesn't decode, or that `valid` rejects (another version's format), is a miss. Rows
+        fetched from Redis are kept locally unless remember is False (Cache-Control: no-store).
         """
         now = time.monotonic()
         local = self._local
@@ -138,7 +157,12 @@ class PredictionCache:
         for i, key in enumerate(keys):
             entry = local.get(key)
             if entry is not None and entry[0] > now:
-                values[i] = entry[1]
+                values[i] = orjson.loads(entry[1][_HEAD:])
+                # Least recently used goes first. try, not contextlib.suppress: 24 ns a hit against 330.
+                try:  # noqa: SIM105
+                    local.move_to_end(key)
+                except KeyError:  # another thread dropped it meanwhile
+                    pass
             else:
                 missing.append(i)
         if not missing:
@@ -146,32 +170,49 @@ class PredictionCache:
         stored = self.get_many([keys[i] for i in missing])
         if stored is None:
             return values, False
-        found = []
+        found, wall = [], time.time()
         for i, raw in zip(missing, stored):
             if raw is not None:
-                value = _decode(raw)
+                expires, value = _decode(raw)
                 if value is not None and valid(value):
                     values[i] = value
-                    found.append((keys[i], value))
-        self._remember(found, now)
+                    if expires > wall:
+                        found.append((keys[i], now + expires - wall, raw))
+        if remember:
+            self._remember(found)
         return values, True
 
     def store(self, items: list[tuple[str, object]]) -> None:
         """Keep fresh answers in this worker's memory and send them to Redis (its reply is read later)."""
-        self._remember(items, time.monotonic())
-        self.set_many(items)
+        send = self.usable() and self._writes.allows()
+        if not items or not (send or self.local_entries):
+            return  # checked before encoding: a dead Redis costs no work per request
+        # The concatenation copies each answer out of orjson's 1 KiB buffer: kept alive by the thousand (a batch's
+        # command, the local tier) those cost 1.9 us each to allocate and 1 KiB each to hold.
+        head = b"%013d " % ((time.time() + self.ttl) * 1000)
+        encoded = [(key, head + orjson.dumps(value)) for key, value in items]
+        if self.local_entries:
+            expires = time.monotonic() + self.ttl
+            self._remember([(key, expires, raw) for key, raw in encoded])
+        if send:
+            self.set_many(encoded)
 
-    def _remember(self, items: list[tuple[str, object]], now: float) -> None:
-        """Add to the local copy, dropping the oldest entries past its size."""
-        if not self.local_entries or not items:
+    def _remember(self, entries: list[tuple[str, float, bytes]]) -> None:
+        """Add (key, expires, stored value) entries to the local copy, then drop the least recently used while it
+        holds more than local_entries entries or local_bytes bytes."""
+        if not self.local_entries or not entries:
             return
-        local, expires = self._local, now + self.ttl
-        local.update((key, (expires, value)) for key, value in items)
-        for _ in range(len(local) - self.local_entries):
-            try:
-                local.popitem(last=False)
-            except KeyError:  # another thread emptied it first
-                break
+        local = self._local
+        with self._local_lock:
+            for key, expires, raw in entries:
+                old = local.pop(key, None)  # popped, not overwritten: a new entry goes last
+                if old is not None:
+                    self._local_size -= len(key) + len(old[1])
+                local[key] = (expires, raw)
+                self._local_size += len(key) + len(raw)
+            while len(local) > self.local_entries or self._local_size > self.local_bytes:
+                key, (_, raw) = local.popitem(last=False)
+                self._local_size -= len(key) + len(raw)
 
     def get_many(self, keys: list[str]) -> list[bytes | None] | None:
         """Stored values in key order in one round trip, or None when Redis can't be used."""
@@ -185,20 +226,24 @@ class PredictionCache:
         self._succeeded(self._conn)
         return values
 
-    def set_many(self, items: list[tuple[str, object]]) -> None:
-        """Store answers with the TTL as one command, without waiting for its reply (read by this connection's
+    def set_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Store encoded answers with the TTL as one command, without waiting for its reply (read by this connection's
         next call). A small store waits up to store_delay for that call to carry it in the same write, which
         saves a send and a Redis wake-up per miss; the flusher sends it if no call comes. Failures only open
         a breaker."""
         if not items or not self.usable() or not self._writes.allows():
-            return  # checked before encoding: a dead Redis costs no work per request
+            return
         if len(items) == 1:
             ((key, value),) = items
-            command = (b"SET", key, _encode(value), b"EX", self.ttl)
+            command = (b"SET", key, value, b"EX", self.ttl)
         else:
             keys, values = zip(*items)
-            command = (b"EVAL", _STORE_SCRIPT, len(keys), *keys, self.ttl, *map(_encode, values))
-        link = self._link()
+            command = (b"EVAL", _STORE_SCRIPT, len(keys), *keys, self.ttl, *values)
+        try:
+            link = self._link()
+        except redis.RedisError as e:
+            self._failed(self._conn, e)
+            return
         with link.lock:
             try:
                 if link.unread + len(link.queued) >= _MAX_UNREAD:
@@ -217,7 +262,11 @@ class PredictionCache:
 
     def settle(self) -> None:
         """Send this thread's queued stores and read the replies to all it sent: afterwards they are in Redis."""
-        link = self._link()
+        try:
+            link = self._link()
+        except redis.RedisError as e:
+            self._failed(self._conn, e)
+            return
         with link.lock:
             try:
                 self._send(link)
@@ -236,24 +285,29 @@ class PredictionCache:
         return self.state
 
     def _link(self) -> "_Link":
-        """This thread's connection; made after fork, so workers never share a socket."""
-        if self._pid != os.getpid():
-            self._pool = redis.ConnectionPool.from_url(
-                self.url,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                # No retries: one timeout per breaker period is all a dead Redis may cost.
-                retry=Retry(NoBackoff(), 0),
-                health_check_interval=0,
-            )
-            self._links = threading.local()
-            self._link_set = weakref.WeakSet()
-            self._flusher = None  # threads don't survive a fork
-            self._pid = os.getpid()
-        link = getattr(self._links, "link", None)
-        if link is None:
+        """This thread's connection; made after fork, so workers never share a socket. Any failure to set it up
+        (a URL redis-py refuses, a bad TLS option) is a redis.ConnectionError: the cache is down, not the request."""
+        link = getattr(self._links, "link", None) if self._pid == os.getpid() else None
+        if link is not None:
+            return link
+        try:
+            if self._pid != os.getpid():
+                self._pool = redis.ConnectionPool.from_url(
+                    self.url,
+                    socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout,
+                    # No retries: one timeout per breaker period is all a dead Redis may cost.
+                    retry=Retry(NoBackoff(), 0),
+                    health_check_interval=0,
+                )
+                self._links = threading.local()
+                self._link_set = weakref.WeakSet()
+                self._flusher = None  # threads don't survive a fork
+                self._pid = os.getpid()
             link = self._links.link = _Link(self._pool.make_connection())
-            self._link_set.add(link)  # weak: a finished thread's link goes with it
+        except Exception as e:
+            raise redis.ConnectionError(f"cannot set up a Redis connection: {_describe(e)}") from e
+        self._link_set.add(link)  # weak: a finished thread's link goes with it
         return link
 
     def _flusher_for_this_process(self) -> "_Flusher":
@@ -337,10 +391,10 @@ class PredictionCache:
         return stale
 
     def _failed(self, breaker: _Breaker, e: Exception) -> None:
-        """Open a breaker, logging only the transition."""
-        if breaker.failed(e):
+        """Open a breaker with a coarse reason, logging only the transition, with the detail."""
+        if breaker.failed(_reason(e) if breaker is self._conn else "read-only"):
             what = "cache down, serving uncached" if breaker is self._conn else "cache writes refused, not storing"
-            log.warning("%s; retrying every %.0fs: %s", what, breaker.seconds, breaker.reason)
+            log.warning("%s; retrying every %.0fs: %s", what, breaker.seconds, _describe(e))
 
     def _succeeded(self, breaker: _Breaker) -> None:
         """Close a breaker, logging only the recovery."""
@@ -391,25 +445,35 @@ class _Flusher(threading.Thread):
                 self._wakeup.set()
 
 
-def _encode(value: object) -> bytes:
-    """A stored answer's bytes. orjson returns each result in a 1 KiB allocation; kept alive by the thousand
-    (a batch's command), those cost 1.9 us each, while a copy into a small bytes object costs 0.08 us."""
-    return b"%b" % orjson.dumps(value)
-
-
-def _decode(raw: bytes) -> object:
-    """A stored answer, or None when it isn't JSON."""
+def _decode(raw: bytes) -> tuple[float, object]:
+    """A stored value's expiry (unix seconds) and answer; (0, None) when it is in another format."""
+    if raw[_HEAD - 1 : _HEAD] != b" " or not raw[: _HEAD - 1].isdigit():
+        return 0.0, None
     try:
-        return orjson.loads(raw)
+        return int(raw[: _HEAD - 1]) / 1000, orjson.loads(raw[_HEAD:])
     except orjson.JSONDecodeError:
-        return None
+        return 0.0, None
+
+
+@functools.lru_cache(maxsize=4096)
+def _user_digest(user: str) -> str:
+    """A short digest of a user name for keys: names stay out of Redis, and any name makes a safe key part."""
+    return hashlib.blake2b(user.encode(), digest_size=8).hexdigest()
+
+
+def _reason(e: Exception) -> str:
+    """A connection failure's reason from a fixed vocabulary (auth, timeout, down), safe for anyone to read."""
+    if isinstance(e, redis.AuthenticationError | NoPermissionError) or "WRONGPASS" in str(e) or "NOAUTH" in str(e):
+        return "auth"
+    return "timeout" if isinstance(e, redis.TimeoutError) else "down"
 
 
 def _describe(e: Exception) -> str:
-    """A one-line reason for a Redis failure with nothing secret in it."""
-    if isinstance(e, redis.AuthenticationError) or "WRONGPASS" in str(e) or "NOAUTH" in str(e):
+    """A one-line reason for a Redis failure, for the log: never the password, but hosts and paths, yes."""
+    reason = _reason(e)
+    if reason == "auth":
         return "authentication failed (check the user and password in REDIS_URL)"
-    if isinstance(e, redis.TimeoutError):
+    if reason == "timeout":
         return "Redis did not answer in time (CACHE_TIMEOUT_MS)"
     message = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {message[:200]}"

@@ -19,8 +19,14 @@ class Prediction:
     hits: int
 
 
-def predict(model: Model, X: np.ndarray, proba: bool, bypass_cache: bool = False) -> Prediction:
-    """Answer every row of X in order, asking the model only for rows the cache doesn't hold."""
+def predict(
+    model: Model, X: np.ndarray, proba: bool, bypass_cache: bool = False, store: bool = True, user: str | None = None
+) -> Prediction:
+    """Answer every row of X in order, asking the model only for rows the cache doesn't hold.
+
+    bypass_cache (Cache-Control: no-cache) skips the lookup; store=False (no-store) keeps nothing, in Redis or in
+    this worker; user, the caller, scopes the keys when CACHE_SCOPE=user.
+    """
     cache = current_app.extensions["sibyl.cache"]
     t0 = perf_counter()
     if not cache.enabled:
@@ -28,10 +34,10 @@ def predict(model: Model, X: np.ndarray, proba: bool, bypass_cache: bool = False
     else:
         # Answers depend on the artifact, the backend that computed them (its precision and library versions)
         # and what was asked.
-        keys = cache.keys(f"{model.sha256[:16]}:{model.backend.scope}:{'p' if proba else 'l'}", X)
+        keys = cache.keys(f"{model.sha256[:16]}:{model.backend.scope}:{'p' if proba else 'l'}", X, user)
         valid = _valid_proba if proba else _valid_label
         # A bypass predicts every row, as a cache that holds nothing would (its outcome is BYPASS regardless).
-        stored, redis_ok = (None, False) if bypass_cache else cache.lookup(keys, valid)
+        stored, redis_ok = (None, False) if bypass_cache else cache.lookup(keys, valid, remember=store)
     t1 = perf_counter()
 
     if stored is None:
@@ -44,7 +50,7 @@ def predict(model: Model, X: np.ndarray, proba: bool, bypass_cache: bool = False
     hits = len(X) - len(missing)
     t2 = perf_counter()
 
-    if keys and missing:
+    if keys and missing and store:
         cache.store([(keys[i], rows[i]) for i in missing])
     t3 = perf_counter()
 

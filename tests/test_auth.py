@@ -39,6 +39,16 @@ def test_basic_and_bearer_both_work(client):
     assert client.post("/predict", json=BODY, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer", "bEaReR", "basic", "BASIC", "Basic"])
+def test_auth_scheme_is_case_insensitive(client, scheme):
+    """RFC 7235: `bearer KEY` and `basic ...` are the same schemes as `Bearer` and `Basic`."""
+    credentials = KEY if scheme.lower() == "bearer" else basic_auth()["Authorization"].split()[1]
+    r = client.post("/predict", json=BODY, headers={"Authorization": f"{scheme} {credentials}"})
+    assert r.status_code == 200
+    wrong = client.post("/predict", json=BODY, headers={"Authorization": f"{scheme} wrong-{credentials}"})
+    assert wrong.status_code == 401
+
+
 @pytest.mark.parametrize("path", ["/models", "/predict"])
 def test_model_routes_require_auth(client, path):
     """Model routes answer 401 without credentials."""

@@ -1,5 +1,6 @@
 """The per-row Redis prediction cache, in process against a real redis-server: keys, batches, bypass, fail-open."""
 
+import hashlib
 import json
 import os
 import random
@@ -13,10 +14,12 @@ import numpy as np
 import orjson
 import pytest
 import redis
-from conftest import IRIS_ROWS, basic_auth, free_port
+from conftest import IRIS_ROWS, USER, USERS, basic_auth, free_port
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
+from app.cache import PredictionCache
+from app.registry import save_model
 from bench.servers import json_lines, requests_in, wait_for_keys
 
 ROW_A, ROW_B = IRIS_ROWS
@@ -373,8 +376,9 @@ def test_no_cache_header_bypasses_lookup_then_stores(make_service):
     svc = make_service()
     truth = svc.predict([ROW_A])
     (key,) = svc.stored_keys()
-    # Plant a wrong answer: a lookup would return it, a bypass must not.
-    svc.redis.set(key, orjson.dumps("planted"), ex=60)
+    # Plant a wrong answer (in the stored format: expiry, then JSON): a lookup would return it, a bypass must not.
+    expiry = svc.redis.get(key).split(b" ", 1)[0]
+    svc.redis.set(key, expiry + b" " + orjson.dumps("planted"), ex=60)
     assert svc.predict([ROW_A]).json["predictions"] == ["planted"]
     fresh = svc.predict([ROW_A], headers={"Cache-Control": "no-cache"})
     assert cache_header(fresh) == ("BYPASS", "0")
@@ -460,6 +464,29 @@ def test_ready_reports_cache_state(make_service, redis_url, url_for, expected):
     assert bool(resp.json.get("cache_reason")) is (expected["cache"] == "down")
 
 
+@pytest.mark.parametrize(
+    "url", ["localhost:6379", "redis://127.0.0.1:notaport/0", "rediss://127.0.0.1:1/0?ssl_cert_reqs=x"]
+)
+def test_unusable_redis_url_is_cache_down_not_an_error(make_service, url, capsys):
+    """A URL redis-py can't even build a connection from is an outage like any other: 200s served uncached,
+    /ready degraded, one log line. (The cache is built directly, so this holds whatever startup checks.)"""
+    svc = make_service(CACHE_RETRY_SECONDS=0.05)
+    svc.app.extensions["sibyl.cache"] = PredictionCache(
+        url, ttl=60, prefix="sibyl:", timeout_ms=100, retry_seconds=0.05
+    )
+    responses = []
+    for _ in range(3):  # past the back-off each time: every probe sets up again and fails again
+        responses.append(svc.predict([ROW_A]))
+        time.sleep(0.06)
+    assert [(r.status_code, r.headers["X-Cache"]) for r in responses] == [(200, "OFF")] * 3
+    no_cache = svc.predict([ROW_A], headers={"Cache-Control": "no-cache"})
+    assert (no_cache.status_code, no_cache.headers["X-Cache"]) == (200, "BYPASS")
+    ready = svc.client.get("/ready")
+    assert ready.status_code == 200
+    assert (ready.json["status"], ready.json["cache"], ready.json["cache_reason"]) == ("degraded", "down", "down")
+    assert capsys.readouterr().out.count("cache down") == 1
+
+
 def test_wrong_redis_password_serves_uncached_and_logs_once(make_service, own_redis, capsys):
     """A rejected password is one clear "cache down" line without the secret, 200s throughout, /ready degraded."""
     server = own_redis(password="right-pw-5d1e")
@@ -478,14 +505,15 @@ def test_wrong_redis_password_serves_uncached_and_logs_once(make_service, own_re
     assert len(down) == 1
     assert "authentication failed" in down[0]
     assert ready.json["status"] == "degraded"
-    assert "authentication failed" in ready.json["cache_reason"]
+    assert ready.json["cache_reason"] == "auth"
     for text in (out, ready.text):
         assert "wrong-pw" not in text
         assert "right-pw" not in text
 
 
-def test_full_redis_reason_names_the_error_not_the_data(make_service, own_redis):
-    """A store Redis refuses (out of memory) is served uncached; the unauthenticated /ready never shows key or value."""
+def test_full_redis_reason_names_the_error_not_the_data(make_service, own_redis, capsys):
+    """A store Redis refuses (out of memory) is served uncached; the unauthenticated /ready says only "read-only",
+    the log says why."""
     server = own_redis()
     admin = server.client()
     admin.config_set("maxmemory-policy", "noeviction")
@@ -494,10 +522,8 @@ def test_full_redis_reason_names_the_error_not_the_data(make_service, own_redis)
     resp = svc.predict([ROW_A])
     ready = svc.client.get("/ready").json
     assert (resp.status_code, resp.headers["X-Cache"]) == (200, "MISS")
-    assert ready["status"] == "degraded"
-    assert "maxmemory" in ready["cache_reason"]
-    assert "sibyl:" not in ready["cache_reason"]
-    assert resp.json["predictions"][0] not in ready["cache_reason"]
+    assert (ready["status"], ready["cache"], ready["cache_reason"]) == ("degraded", "read-only", "read-only")
+    assert "maxmemory" in capsys.readouterr().out
 
 
 def test_refused_writes_keep_serving_hits(make_service, own_redis, capsys):
@@ -532,7 +558,7 @@ def test_redis_restart_resumes_caching_and_logs_one_back_up_line(make_service, o
         outcomes.append(svc.predict([ROW_A]).headers["X-Cache"])
         time.sleep(0.05)
     assert "HIT" in outcomes
-    assert svc.client.get("/ready").json == {"status": "ready", "model": "loaded", "cache": "ok"}
+    assert svc.client.get("/ready").json == {"status": "ready", "model": "ok", "cache": "ok"}
     out = capsys.readouterr().out.splitlines()
     assert sum("cache down" in line for line in out) == 1
     assert sum("cache back up" in line for line in out) == 1
@@ -586,7 +612,7 @@ def test_hung_redis_costs_one_timeout_per_breaker_period(make_service, silent_re
     # Without the breaker all 40 would wait; a very slow run may straddle one more period.
     assert 1 <= first <= 2
     assert 1 <= second <= 2
-    assert "CACHE_TIMEOUT_MS" in svc.client.get("/ready").json["cache_reason"]
+    assert svc.client.get("/ready").json["cache_reason"] == "timeout"
 
 
 def test_redis_url_db_index_stores_in_that_db(make_service, redis_server):
@@ -710,3 +736,94 @@ def test_local_tier_is_bounded(make_service, redis_server):
     assert cache_header(svc.predict([ROW_C])) == ("HIT", "1")
     assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
     assert len(svc.app.extensions["sibyl.cache"]._local) <= 2
+
+
+def test_local_tier_evicts_the_least_recently_used(make_service):
+    """A local hit makes its row the most recent: past CACHE_LOCAL_ENTRIES the row unused longest goes first."""
+    svc = make_service(CACHE_LOCAL_ENTRIES=2)
+    svc.predict([ROW_A])
+    svc.predict([ROW_B])
+    assert cache_header(svc.predict([ROW_A])) == ("HIT", "1")  # from memory: A is now more recent than B
+    svc.predict([ROW_C])  # one too many: B goes
+    svc.redis.flushall()  # only the local tier is left
+    assert cache_header(svc.predict([ROW_A])) == ("HIT", "1")
+    assert cache_header(svc.predict([ROW_C])) == ("HIT", "1")
+    assert cache_header(svc.predict([ROW_B])) == ("MISS", "0")
+
+
+def test_local_copy_of_a_fetched_row_expires_with_redis_copy(make_service):
+    """A row fetched from Redis is kept locally only until Redis's copy expires, not for a fresh CACHE_TTL."""
+    other = make_service(CACHE_TTL=1)  # "another worker" stored it a second before it expires
+    other.predict([ROW_C])
+    (key,) = other.stored_keys()
+    svc = make_service(CACHE_LOCAL_ENTRIES=100, CACHE_TTL=3600)
+    assert cache_header(svc.predict([ROW_C])) == ("HIT", "1")  # fetched from Redis, kept locally
+    time.sleep(1.2)
+    assert not svc.redis.exists(key)
+    assert cache_header(svc.predict([ROW_C])) == ("MISS", "0")
+
+
+def test_local_tier_holds_at_most_cache_local_bytes(make_service, tmp_path):
+    """With a many-class model's probabilities (about 1.2 kB a row), CACHE_LOCAL_BYTES bounds the local tier
+    long before CACHE_LOCAL_ENTRIES does; the most recent rows are the ones kept."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 2))
+    path = tmp_path / "wide.joblib"
+    save_model(DecisionTreeClassifier(random_state=0).fit(X, np.arange(600) % 300), path, "wide", "1", None, X[:5])
+    svc = make_service(
+        MODEL_PATH=str(path), INFERENCE_BACKEND="sklearn", CACHE_LOCAL_ENTRIES=1000, CACHE_LOCAL_BYTES=10_000
+    )
+    rows = X[:20].tolist()
+    for row in rows:
+        assert len(svc.predict([row], proba=True).json["probabilities"][0]) == 300
+    cache = svc.app.extensions["sibyl.cache"]
+    held = sum(len(key) + len(raw) for key, (_, raw) in cache._local.items())
+    assert 0 < held <= 10_000
+    svc.redis.flushall()  # only the local tier is left
+    assert cache_header(svc.predict([rows[-1]], proba=True)) == ("HIT", "1")
+    assert cache_header(svc.predict([rows[0]], proba=True)) == ("MISS", "0")
+
+
+BOB, BOB_KEY = "bob", "bob-test-key-fedcba9876543210"
+TWO_USERS = f"{USERS},{BOB}:sha256:{hashlib.sha256(BOB_KEY.encode()).hexdigest()}"
+
+
+@pytest.mark.parametrize("local_entries", [0, 100], ids=["redis", "redis-and-local"])
+def test_user_scope_never_tells_one_user_what_another_sent(make_service, local_entries):
+    """CACHE_SCOPE=user: bob's row is a MISS though alice sent it; each user then hits their own entry; the keys
+    hold a digest of the name, not the name."""
+    svc = make_service(SIBYL_USERS=TWO_USERS, CACHE_SCOPE="user", CACHE_LOCAL_ENTRIES=local_entries)
+    bob = basic_auth(BOB, BOB_KEY)
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
+    assert cache_header(svc.predict([ROW_A], headers=bob)) == ("MISS", "0")
+    assert cache_header(svc.predict([ROW_A])) == ("HIT", "1")
+    assert cache_header(svc.predict([ROW_A], headers=bob)) == ("HIT", "1")
+    keys = svc.stored_keys()
+    assert len(keys) == 2
+    assert not any(name in key for key in keys for name in (USER, BOB))
+
+
+def test_shared_scope_shares_rows_between_users(make_service):
+    """CACHE_SCOPE=shared (the default): a row alice sent is a HIT for bob."""
+    svc = make_service(SIBYL_USERS=TWO_USERS)
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
+    assert cache_header(svc.predict([ROW_A], headers=basic_auth(BOB, BOB_KEY))) == ("HIT", "1")
+
+
+@pytest.mark.parametrize("header", ["no-store", "no-cache, no-store", "private, NO-STORE"])
+def test_no_store_keeps_nothing_in_redis_or_memory(make_service, header):
+    """Cache-Control: no-store answers as usual but stores nothing, in Redis or in this worker: a repeat is a
+    MISS, and a row fetched from Redis is not copied into memory."""
+    svc, other = make_service(CACHE_LOCAL_ENTRIES=100), make_service()
+    no_store = {"Cache-Control": header}
+    outcome = "BYPASS" if "no-cache" in header else "MISS"
+    assert cache_header(svc.predict([ROW_A], headers=no_store)) == (outcome, "0")
+    assert cache_header(svc.predict([ROW_A], headers=no_store)) == (outcome, "0")
+    assert svc.stored_keys() == []
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")  # still not cached by the requests before
+    other.predict([ROW_B])  # another worker stores ROW_B
+    other.settle()
+    if outcome == "MISS":  # a lookup still happens: rows already stored are served
+        assert cache_header(svc.predict([ROW_B], headers=no_store)) == ("HIT", "1")
+    svc.redis.delete(*[k for k in svc.stored_keys() if k in other.stored_keys()])
+    assert cache_header(svc.predict([ROW_B])) == ("MISS", "0")  # it was never kept in svc's memory

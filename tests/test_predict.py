@@ -1,5 +1,8 @@
 """POST /predict contract: request shapes, response shape, probabilities, labels as the model's own."""
 
+import gzip
+import json
+
 import joblib
 import numpy as np
 import pytest
@@ -109,4 +112,19 @@ def test_models_lists_metadata(client):
 def test_health_and_ready_need_no_auth(client):
     """Probes answer without credentials and reveal nothing about the model."""
     assert client.get("/health").json == {"status": "ok"}
-    assert client.get("/ready").json == {"status": "ready", "model": "loaded", "cache": "off"}
+    assert client.get("/ready").json == {"status": "ready", "model": "ok", "cache": "off"}
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "GZIP", "x-gzip"])
+def test_gzip_body_is_accepted(client, encoding):
+    """Content-Encoding: gzip bodies are inflated before parsing, several gzip members included."""
+    raw = json.dumps({"features": IRIS_ROWS}).encode()
+    for data in (gzip.compress(raw), gzip.compress(raw[:10]) + gzip.compress(raw[10:])):
+        r = client.post(
+            "/predict",
+            data=data,
+            content_type="application/json",
+            headers={**basic_auth(), "Content-Encoding": encoding},
+        )
+        assert r.status_code == 200
+        assert r.json["predictions"] == ["setosa", "virginica"]

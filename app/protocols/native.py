@@ -1,6 +1,8 @@
 """Sibyl's own protocol: POST /predict with features or instances, GET /models."""
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.datastructures import RequestCacheControl
+from werkzeug.http import parse_cache_control_header
 
 from app import pipeline
 from app.auth import auth
@@ -26,9 +28,13 @@ def predict() -> Response:
     if proba and not model.has_proba:
         raise invalid(f"model {model.name} is a {model.task} model and gives no probabilities; drop 'probabilities'")
     X = to_matrix(body[field], model, current_app.config["MAX_ROWS"], field)
-    # Parse Cache-Control only when sent: werkzeug's parser costs more than the rest of a cache hit.
-    bypass = "Cache-Control" in request.headers and bool(request.cache_control.no_cache)
-    result = pipeline.predict(model, X, proba, bypass_cache=bypass)
+    # Parse Cache-Control only when sent: werkzeug's parser costs more than the rest of a cache hit. Lowercased
+    # first: directives are case-insensitive (RFC 9111 5.2), werkzeug matches them exactly.
+    bypass, store = False, True
+    if "Cache-Control" in request.headers:
+        cc = parse_cache_control_header(request.headers["Cache-Control"].lower(), cls=RequestCacheControl)
+        bypass, store = bool(cc.no_cache), not cc.no_store
+    result = pipeline.predict(model, X, proba, bypass_cache=bypass, store=store, user=auth.current_user())
     payload = {"predictions": result.predictions, "model": {"name": model.name, "version": model.version}}
     if result.probabilities is not None:
         payload["probabilities"] = result.probabilities
