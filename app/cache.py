@@ -36,6 +36,11 @@ _MAX_UNREAD = 32
 _HEAD = len(b"1733090000123 ")
 
 
+# The stored value's format, in every key: replicas of another Sibyl release (a rolling upgrade) keep separate
+# entries instead of overwriting each other's as unreadable.
+_FORMAT = "v2"
+
+
 class _Breaker:
     """Skip a failing operation for a back-off period; report only the transitions, not every failure."""
 
@@ -140,7 +145,7 @@ class PredictionCache:
         # Adding 0.0 turns -0.0 into 0.0, so the two spellings of zero share a key.
         data = np.ascontiguousarray(X + 0.0).tobytes()
         width = X.shape[1] * 8
-        head = f"{self.prefix}{scope}:"
+        head = f"{self.prefix}{_FORMAT}:{scope}:"
         blake = hashlib.blake2b
         return [head + blake(data[i : i + width], digest_size=16).hexdigest() for i in range(0, len(data), width)]
 

@@ -631,17 +631,22 @@ def unix_socket_redis(tmp_path, spawn_redis, own_redis) -> tuple[str, redis.Redi
     return url, spawn_redis(url, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700")
 
 
-def acl_user_redis(tmp_path, spawn_redis, own_redis) -> tuple[str, redis.Redis]:
+def acl_user_redis(tmp_path, spawn_redis, own_redis, db: int = 0) -> tuple[str, redis.Redis]:
     """A redis-server where only an ACL user limited to the cache prefix may log in."""
     server = own_redis()
     admin = server.client()
-    # Exactly the commands the README lists for a cache ACL user.
-    perms = ["+mget", "+set", "+eval", "+ping"]
+    # Exactly the commands the README lists for a cache ACL user (+select only for a database other than 0).
+    perms = ["+mget", "+set", "+eval", "+ping", *(["+select"] if db else [])]
     admin.execute_command("ACL", "SETUSER", "sibyl", "on", ">acl-pw-61c0", "~sibyl:*", *perms)
     admin.execute_command("ACL", "SETUSER", "inspector", "on", ">insp-pw-3b9d", "~*", "+@all")  # for the test's checks
     admin.execute_command("ACL", "SETUSER", "default", "off")  # so the service's only way in is its own user
-    url = f"redis://sibyl:acl-pw-61c0@127.0.0.1:{server.port}/0"
-    return url, redis.Redis.from_url(f"redis://inspector:insp-pw-3b9d@127.0.0.1:{server.port}/0")
+    url = f"redis://sibyl:acl-pw-61c0@127.0.0.1:{server.port}/{db}"
+    return url, redis.Redis.from_url(f"redis://inspector:insp-pw-3b9d@127.0.0.1:{server.port}/{db}")
+
+
+def acl_user_redis_db3(tmp_path, spawn_redis, own_redis) -> tuple[str, redis.Redis]:
+    """The ACL user of the README on database 3."""
+    return acl_user_redis(tmp_path, spawn_redis, own_redis, db=3)
 
 
 def tls_redis(tmp_path, spawn_redis, own_redis) -> tuple[str, redis.Redis]:
@@ -662,7 +667,11 @@ def tls_redis(tmp_path, spawn_redis, own_redis) -> tuple[str, redis.Redis]:
     return url, spawn_redis(url, "--port", "0", "--tls-port", str(port), *tls, "--tls-auth-clients", "no")
 
 
-@pytest.mark.parametrize("start_redis", [unix_socket_redis, acl_user_redis, tls_redis], ids=["unix", "acl-user", "tls"])
+@pytest.mark.parametrize(
+    "start_redis",
+    [unix_socket_redis, acl_user_redis, acl_user_redis_db3, tls_redis],
+    ids=["unix", "acl-user", "acl-user-db3", "tls"],
+)
 def test_redis_url_forms_reach_the_server(make_service, tmp_path, spawn_redis, own_redis, start_redis):
     """unix://, user:password@ and rediss:// URLs all cache: a miss, then a hit, the key on that server."""
     url, server = start_redis(tmp_path, spawn_redis, own_redis)
@@ -670,7 +679,7 @@ def test_redis_url_forms_reach_the_server(make_service, tmp_path, spawn_redis, o
     assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
     assert cache_header(svc.predict([ROW_A])) == ("HIT", "1")
     (key,) = server.keys("*")
-    assert key.startswith(b"sibyl:")
+    assert key.startswith(b"sibyl:v2:")  # the stored value's format is part of every key
 
 
 # --- the worker-local tier (CACHE_LOCAL_ENTRIES) ---
