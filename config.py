@@ -1,98 +1,185 @@
 """Every Sibyl setting, read once from the environment, with its default and meaning."""
 
+import math
 import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from redis.connection import parse_url
+
+# Each setting's rule by Config key: (environment variable, parser). A parser turns an environment string or a
+# mapping's value into the setting, or raises ValueError saying what is allowed. check() applies the same rules
+# to a merged config, so settings passed as a mapping (tests, embedders) meet them too.
+RULES: dict[str, tuple[str, Callable]] = {}
+# Values never echoed in an error: a Redis URL may carry a password.
+SECRET = {"REDIS_URL"}
 
 
-def _env(name: str, default: str) -> str:
-    """Return an environment variable, treating an empty value as unset."""
-    return os.environ.get(name) or default
+def number(kind: type = int, minimum: float = 0) -> Callable:
+    """A parser for a kind (int or float) >= minimum."""
+
+    def parse(raw: object) -> int | float:
+        if isinstance(raw, str):
+            try:
+                value = kind(raw)
+            except ValueError:
+                value = None
+        else:  # a mapping's value must already be a number of the right kind (True is not 1, 2.5 is not 2)
+            value = raw if type(raw) is kind or (kind is float and type(raw) is int) else None
+        if value is None or value < minimum:
+            raise ValueError(f"must be a {'whole number' if kind is int else 'number'} >= {minimum}")
+        return value
+
+    return parse
 
 
-# Each numeric setting's rule by Config key: (environment variable, type, minimum). check_numbers() applies
-# the same rules to a merged config, so settings passed as a mapping (tests, embedders) meet them too.
-NUMBERS: dict[str, tuple[str, type, float]] = {}
+def choice(*allowed: str) -> Callable:
+    """A parser for one of allowed, matched case-insensitively and returned as spelled in allowed."""
+    by_fold = {a.casefold(): a for a in allowed}
+
+    def parse(raw: object) -> str:
+        if isinstance(raw, str) and raw.strip().casefold() in by_fold:
+            return by_fold[raw.strip().casefold()]
+        raise ValueError(f"must be one of {', '.join(allowed)}")
+
+    return parse
 
 
-def _as_number(name: str, raw: object, kind: type, minimum: float) -> int | float:
-    """raw (an environment string or a value from a mapping) as a kind >= minimum, or ValueError naming name."""
-    if isinstance(raw, str):
-        try:
-            value = kind(raw)
-        except ValueError:
-            value = None
-    else:  # a mapping's value must already be a number of the right kind (True is not 1, 2.5 is not 2)
-        value = raw if type(raw) is kind or (kind is float and type(raw) is int) else None
-    if value is None or value < minimum:
-        what = "whole number" if kind is int else "number"
-        raise ValueError(f"{name}={raw!r} must be a {what} >= {minimum}")
-    return value
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
-def _number(name: str, default: str, kind: type = int, minimum: float = 0, key: str = "") -> int | float:
-    """Read a numeric setting; a bad value stops startup with one line naming the variable."""
-    NUMBERS[key or name] = (name, kind, minimum)
+def flag(raw: object) -> bool:
+    """A boolean: True/False, or 1/0, true/false, yes/no, on/off in any case."""
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _FLAGS:
+        return _FLAGS[raw.strip().lower()]
+    raise ValueError("must be true or false (a bool, or 1/0, true/false, yes/no, on/off)")
+
+
+def text(raw: object) -> str:
+    """Any string."""
+    if not isinstance(raw, str):
+        raise ValueError("must be a string")
+    return raw
+
+
+def path(raw: object) -> str:
+    """A file path: a string or a path object."""
+    if not isinstance(raw, str | os.PathLike):
+        raise ValueError("must be a file path")
+    return os.fspath(raw)
+
+
+def sha256_pin(raw: object) -> str:
+    """Empty, or 64 hex digits."""
+    if not (isinstance(raw, str) and re.fullmatch(r"([0-9a-fA-F]{64})?", raw)):
+        raise ValueError("must be empty or 64 hex digits (a sha256)")
+    return raw.lower()
+
+
+def redis_url(raw: object) -> str:
+    """Empty (no cache), or a URL redis-py can use; checked by redis-py's own parser, which does not connect."""
+    if raw == "":
+        return raw
     try:
-        return _as_number(name, _env(name, default), kind, minimum)
+        parse_url(text(raw))
+    except ValueError:  # redis-py's message may quote part of the URL, so it is not passed on
+        raise ValueError("must be a redis://, rediss:// or unix:// URL with a valid port and options") from None
+    return raw
+
+
+def apply(name: str, raw: object, parse: Callable) -> object:
+    """raw parsed by its rule, or ValueError naming the variable (and its value, unless secret)."""
+    try:
+        return parse(raw)
+    except ValueError as e:
+        raise ValueError(f"{name if name in SECRET else f'{name}={raw!r}'} {e}") from None
+
+
+def from_env(name: str, default: str, parse: Callable) -> object:
+    """Read one variable (empty counts as unset); a bad value stops startup with one line naming it."""
+    try:
+        return apply(name, os.environ.get(name) or default, parse)
     except ValueError as e:
         raise SystemExit(f"sibyl: cannot start: {e}") from None
 
 
-def check_numbers(config: dict) -> None:
-    """Apply every numeric setting's rule to a merged config, turning strings into numbers; ValueError names
-    the first setting that breaks its rule."""
-    for key, (name, kind, minimum) in NUMBERS.items():
-        config[key] = _as_number(name, config[key], kind, minimum)
+def _setting(name: str, default: str, parse: Callable = text, key: str = "") -> object:
+    """Record the rule for Config key (default: name) and read the variable by it."""
+    RULES[key or name] = (name, parse)
+    return from_env(name, default, parse)
 
 
-def _flag(name: str, default: bool) -> bool:
-    """Read a boolean environment variable (1/true/yes/on)."""
-    return _env(name, str(default)).strip().lower() in {"1", "true", "yes", "on"}
+def check(config: dict) -> None:
+    """Apply every setting's rule to a merged config, turning strings into values; ValueError names the first
+    setting that breaks its rule."""
+    for key, (name, parse) in RULES.items():
+        config[key] = apply(name, config[key], parse)
+
+
+def usable_cpus(cgroup: str | Path = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask, capped by its cgroup's CPU quota (v2, else v1), at least 1."""
+    cpus = len(os.sched_getaffinity(0))
+    root = Path(cgroup)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()  # v2: "max 100000" or "150000 100000"
+    except OSError:
+        try:  # v1: a quota of -1 means none
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cpus
+    if quota in ("max", "-1"):
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
 
 
 class Config:
     """Settings for create_app(); tests pass a mapping of overrides instead of a subclass."""
 
     # "production" refuses to start without real users and rejects the dev credentials `make run` writes.
-    SIBYL_ENV = _env("SIBYL_ENV", "development")
+    SIBYL_ENV = _setting("SIBYL_ENV", "development", choice("development", "production"))
 
     # The model artifact to serve; its metadata file sits beside it (same name, .json).
-    MODEL_PATH = _env("MODEL_PATH", "models/iris.joblib")
+    MODEL_PATH = _setting("MODEL_PATH", "models/iris.joblib", path)
     # Optional pin from deployment config: the artifact must have this sha256 (the metadata's own
     # digest only proves the two files agree, not that nobody swapped both).
-    MODEL_SHA256 = _env("MODEL_SHA256", "")
+    MODEL_SHA256 = _setting("MODEL_SHA256", "", sha256_pin)
     # auto: compiled ONNX when it converts and verifies, else scikit-learn; onnx: fail if it can't.
-    INFERENCE_BACKEND = _env("INFERENCE_BACKEND", "auto")
+    INFERENCE_BACKEND = _setting("INFERENCE_BACKEND", "auto", choice("auto", "sklearn", "onnx"))
     # Converting a model to ONNX at startup runs in a child process that is killed after this long.
-    COMPILE_TIMEOUT_SECONDS = _number("COMPILE_TIMEOUT_SECONDS", "300", float, minimum=1)
+    COMPILE_TIMEOUT_SECONDS = _setting("COMPILE_TIMEOUT_SECONDS", "300", number(float, minimum=1))
 
     # Users: "name:sha256hex" entries, comma-separated, and/or a file with one entry per line.
-    SIBYL_USERS = _env("SIBYL_USERS", "")
-    SIBYL_USERS_FILE = _env("SIBYL_USERS_FILE", "")
+    SIBYL_USERS = _setting("SIBYL_USERS", "")
+    SIBYL_USERS_FILE = _setting("SIBYL_USERS_FILE", "", path)
 
     # Request limits: rows per request and body bytes (Flask answers 413 past the latter).
-    MAX_ROWS = _number("MAX_ROWS", "1000", minimum=1)
-    MAX_CONTENT_LENGTH = _number("MAX_BODY_BYTES", str(1024 * 1024), minimum=1, key="MAX_CONTENT_LENGTH")
+    MAX_ROWS = _setting("MAX_ROWS", "1000", number(minimum=1))
+    MAX_CONTENT_LENGTH = _setting("MAX_BODY_BYTES", str(1024 * 1024), number(minimum=1), key="MAX_CONTENT_LENGTH")
 
     # Prediction cache. An empty REDIS_URL disables it (make run starts a private Redis).
-    REDIS_URL = _env("REDIS_URL", "")
-    CACHE_ENABLED = _flag("CACHE_ENABLED", True)
-    CACHE_TTL = _number("CACHE_TTL", "3600", minimum=1)
-    CACHE_PREFIX = _env("CACHE_PREFIX", "sibyl:")
+    REDIS_URL = _setting("REDIS_URL", "", redis_url)
+    CACHE_ENABLED = _setting("CACHE_ENABLED", "true", flag)
+    CACHE_TTL = _setting("CACHE_TTL", "3600", number(minimum=1))
+    CACHE_PREFIX = _setting("CACHE_PREFIX", "sibyl:")
     # Answers each worker also keeps in memory, so a repeated row costs no Redis round trip (0 turns it off).
-    CACHE_LOCAL_ENTRIES = _number("CACHE_LOCAL_ENTRIES", "10000")
+    CACHE_LOCAL_ENTRIES = _setting("CACHE_LOCAL_ENTRIES", "10000", number())
     # ... and at most this many bytes of them (keys and stored answers), whichever bound is reached first.
-    CACHE_LOCAL_BYTES = _number("CACHE_LOCAL_BYTES", str(64 * 1024 * 1024))
+    CACHE_LOCAL_BYTES = _setting("CACHE_LOCAL_BYTES", str(64 * 1024 * 1024), number())
     # shared: one user's cached row is a hit for every user. user: each user has their own entries, so X-Cache
     # never tells anyone that somebody else sent the same row.
-    CACHE_SCOPE = _env("CACHE_SCOPE", "shared")
+    CACHE_SCOPE = _setting("CACHE_SCOPE", "shared", choice("shared", "user"))
     # Redis must answer within this, or the request is served uncached.
-    CACHE_TIMEOUT_MS = _number("CACHE_TIMEOUT_MS", "50", minimum=1)
+    CACHE_TIMEOUT_MS = _setting("CACHE_TIMEOUT_MS", "50", number(minimum=1))
     # A miss's store waits up to this long to share one write with the worker's next Redis call, saving a send
     # and a Redis wake-up per miss; a background thread sends what waited this long (0: send each at once).
-    CACHE_STORE_DELAY_MS = _number("CACHE_STORE_DELAY_MS", "50", float)
+    CACHE_STORE_DELAY_MS = _setting("CACHE_STORE_DELAY_MS", "50", number(float))
     # After a Redis failure, skip the cache this long before probing again.
-    CACHE_RETRY_SECONDS = _number("CACHE_RETRY_SECONDS", "5", float)
+    CACHE_RETRY_SECONDS = _setting("CACHE_RETRY_SECONDS", "5", number(float))
 
     # One JSON line per request on stdout; "text" is for reading by eye.
-    LOG_LEVEL = _env("LOG_LEVEL", "INFO").upper()
-    LOG_FORMAT = _env("LOG_FORMAT", "json")
+    LOG_LEVEL = _setting("LOG_LEVEL", "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    LOG_FORMAT = _setting("LOG_FORMAT", "json", choice("json", "text"))

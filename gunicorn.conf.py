@@ -2,22 +2,44 @@
 
 import os
 
+from gunicorn import util
+
+from app.errors import error_body
+from config import choice, from_env, number, usable_cpus
+
 # One BLAS/OpenMP thread per worker: workers = cores already uses every core, and these must be set
 # before numpy loads, which preload_app does in this process right after reading this file.
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 
-# Loopback by default: put a TLS-terminating proxy in front, or set BIND=0.0.0.0:8000 in a container.
-bind = os.environ.get("BIND", "127.0.0.1:8000")
 
-# Prediction is CPU-bound and holds the GIL, so one process per core is the throughput sweet spot.
-workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
+def listen_address(raw: str) -> str:
+    """A BIND value gunicorn can listen on: host:port, [ipv6]:port, unix:/path or fd://N, parsed by gunicorn."""
+    try:
+        parsed = util.parse_address(raw)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or (isinstance(parsed, tuple) and not 0 <= parsed[1] <= 65535):
+        raise ValueError("must be host:port, [ipv6]:port, unix:/path or fd://N")
+    return raw
+
+
+# Every variable below is checked by config.py's rules: a bad value stops the master with one line naming it.
+# (A non-integer WEB_CONCURRENCY never gets here: gunicorn itself int()s it when it is imported.)
+
+# Loopback by default: put a TLS-terminating proxy in front, or set BIND=0.0.0.0:8000 in a container.
+bind = from_env("BIND", "127.0.0.1:8000", listen_address)
+
+# Prediction is CPU-bound and holds the GIL, so one process per usable core is the throughput sweet spot.
+# Usable, not present: a container limited to 2 CPUs on a 64-core host must not fork 64 workers.
+workers = from_env("WEB_CONCURRENCY", str(usable_cpus()), number(minimum=1))
 
 # sync workers: one request at a time per process, taken from the shared listen socket, so load spreads
 # evenly. gthread keeps keep-alive connections on whichever worker accepted them first; under `make bench`
 # half the runs put all 8 connections on one worker and left the other idle. For client keep-alive and
 # slow-client buffering, put nginx (or any reverse proxy) in front, as gunicorn's docs advise for sync workers.
-worker_class = os.environ.get("WORKER_CLASS", "sync")
+# (The others need packages Sibyl doesn't install, or serve ASGI apps.)
+worker_class = from_env("WORKER_CLASS", "sync", choice("sync", "gthread"))
 
 # Load the model once in the master; forked workers share its memory pages copy-on-write, and a
 # broken model stops the master before any worker starts.
@@ -42,7 +64,37 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # The app logs one JSON line per request on stdout; gunicorn's own log stays on stderr.
 accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+loglevel = from_env("GUNICORN_LOG_LEVEL", "info", choice("debug", "info", "warning", "error", "critical"))
+
+
+def on_starting(server):
+    """Answer the requests gunicorn rejects itself (before the app sees them) with the app's JSON error body."""
+    cfg = server.cfg
+    # Fixed messages: gunicorn's own quote the offending request line or header back to the caller.
+    answers = {
+        400: ("bad_request", "The request is not valid HTTP/1.1: check its request line, headers and chunked body."),
+        403: ("forbidden", "The request is forbidden."),
+        414: ("uri_too_long", f"The request line is too long (limit {cfg.limit_request_line} bytes)."),
+        417: ("expectation_failed", "This server cannot meet the request's Expect header."),
+        431: (
+            "headers_too_large",
+            f"The request has too many or too large headers (limits: {cfg.limit_request_fields} headers, "
+            f"{cfg.limit_request_field_size} bytes each).",
+        ),
+        500: ("internal_error", "Internal server error."),
+        501: ("not_implemented", "The request's Transfer-Encoding is not supported; send chunked or Content-Length."),
+    }
+
+    def write_error(sock, status_int: int, reason: str, mesg: str) -> None:
+        """gunicorn's util.write_error, answering JSON instead of an HTML page."""
+        code, message = answers.get(status_int, ("http_error", reason))
+        body = error_body(code, message, None)  # no request id: the app never saw the request
+        head = f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+        util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body)
+
+    # Worker.handle_error sends every such answer through this one function, looked up at call time; the
+    # workers forked after this hook inherit the replacement.
+    util.write_error = write_error
 
 
 def post_worker_init(worker):

@@ -7,7 +7,7 @@ from app.backends import choose_backend
 from app.cache import PredictionCache
 from app.errors import StartupError
 from app.registry import load_model
-from config import Config, check_numbers
+from config import Config, check
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -16,7 +16,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.from_object(Config)
     app.config.update(config or {})
     try:
-        check_numbers(app.config)  # the environment's values were checked on import; a mapping's are checked here
+        check(app.config)  # the environment's values were checked on import; a mapping's are checked here
     except ValueError as e:
         raise StartupError(str(e)) from None
     request_log.init_app(app)

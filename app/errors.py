@@ -4,6 +4,7 @@ import logging
 
 import orjson
 from flask import Flask, Response, g
+from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,15 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+def error_body(code: str, message: str, request_id: str | None) -> bytes:
+    """The one JSON error body, also sent for the requests gunicorn rejects before the app sees them."""
+    return orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
+
+
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
-    """Build the one JSON error body every non-2xx response uses."""
-    body = {"error": {"code": code, "message": message, "request_id": g.get("request_id")}}
-    return Response(orjson.dumps(body), status=status, headers=headers, mimetype="application/json")
+    """Build the response every non-2xx answer from the app uses."""
+    body = error_body(code, message, g.get("request_id"))
+    return Response(body, status=status, headers=headers, mimetype="application/json")
 
 
 def init_app(app: Flask) -> None:
@@ -60,6 +66,13 @@ def init_app(app: Flask) -> None:
         message = _MESSAGES.get(status) or e.description or "Request failed."
         headers = {"Allow": ", ".join(e.valid_methods)} if getattr(e, "valid_methods", None) else None
         return error_response(status, _CODES.get(status, "http_error"), message, headers)
+
+    @app.errorhandler(ParseException)
+    def _unreadable_body(e: ParseException) -> Response:
+        # gunicorn parses a chunked body only as the app reads it, so its framing errors surface here: the
+        # client's fault (400), not a crash to log with a trace.
+        message = "The request body could not be read: its chunked framing is invalid or it ended early."
+        return error_response(400, "bad_request", message)
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception) -> Response:

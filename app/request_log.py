@@ -1,5 +1,6 @@
 """One structured line per request on stdout, and the request id that ties it to errors."""
 
+import json
 import logging
 import os
 import re
@@ -14,6 +15,9 @@ log = logging.getLogger(__name__)
 
 # A caller's X-Request-ID is echoed into logs and headers, so only a safe token is accepted.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Text-format values written bare; anything else (a newline, space, quote, "=") is JSON-quoted, so a value from
+# the request (its path) can never end the line or pass for another field.
+_BARE = re.compile(r"[A-Za-z0-9._:/@+,-]+")
 
 
 class _Stdout(logging.StreamHandler):
@@ -57,6 +61,12 @@ class JsonFormatter(logging.Formatter):
         return json_line(record.created, record.levelname, record.name, record.getMessage(), fields)
 
 
+def _text_value(value: object) -> str:
+    """A field value for a text line: bare when it is a plain token, else a JSON string (ASCII, escaped)."""
+    text = str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text)
+
+
 class TextFormatter(logging.Formatter):
     """Human-readable lines: the message, then key=value fields."""
 
@@ -65,7 +75,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """Render the record with its fields appended."""
-        fields = " ".join(f"{k}={v}" for k, v in getattr(record, "fields", {}).items())
+        fields = " ".join(f"{k}={_text_value(v)}" for k, v in getattr(record, "fields", {}).items())
         return f"{super().format(record)} {fields}".rstrip()
 
 

@@ -58,3 +58,23 @@ def test_text_format_and_debug_steps(make_app, capsys):
     out = capsys.readouterr().out
     assert " status=200 " in out and "steps_ms=" in out and not out.lstrip().startswith("{")
     make_app()  # later tests expect the default JSON/INFO logging
+
+
+def test_text_lines_cannot_be_forged(make_app, capsys):
+    """LOG_FORMAT=text quotes a value holding a newline, quote, backslash or space: one request, one line."""
+    client = make_app(LOG_FORMAT="text").test_client()
+    capsys.readouterr()
+    client.get("/predict%0aforged=1%0d%e2%80%a8%20status=200%22%5c")
+    lines = capsys.readouterr().out.splitlines()
+    make_app()  # later tests expect the default JSON/INFO logging
+    assert len(lines) == 1
+    assert ' path="/predict\\nforged=1\\r\\u2028 status=200\\"\\\\" status=404 ' in lines[0]
+
+
+def test_json_lines_cannot_be_forged(client, capsys):
+    """The JSON format escapes the same path, so it stays one line holding the decoded path."""
+    capsys.readouterr()
+    client.get("/predict%0aforged=1")
+    out = capsys.readouterr().out
+    (line,) = request_lines(out)
+    assert out.count("\n") == 1 and line["path"] == "/predict\nforged=1"

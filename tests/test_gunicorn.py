@@ -1,0 +1,120 @@
+"""gunicorn as Sibyl runs it: its settings' rules, its worker default, and the answers it gives itself."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, USERS, LiveServer, basic_auth
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("WEB_CONCURRENCY", "0", "must be a whole number >= 1"),
+        ("WORKER_CLASS", "gevnt", "must be one of sync, gthread"),
+        ("GUNICORN_LOG_LEVEL", "loud", "must be one of debug, info, warning, error, critical"),
+        ("BIND", "127.0.0.1:http", "must be host:port, [ipv6]:port, unix:/path or fd://N"),
+        ("BIND", "127.0.0.1:99999", "must be host:port, [ipv6]:port, unix:/path or fd://N"),
+        ("BIND", "fd://three", "must be host:port, [ipv6]:port, unix:/path or fd://N"),
+        ("LOG_LEVEL", "verbose", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),  # Sibyl's own, too
+    ],
+)
+def test_bad_gunicorn_variable_stops_with_one_line(tmp_path, name, value, why):
+    """A bad server variable stops gunicorn while it reads gunicorn.conf.py: one line naming it, no traceback."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), name: value}
+    proc = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [f"sibyl: cannot start: {name}={value!r} {why}"]
+
+
+def test_worker_default_follows_the_affinity_mask():
+    """Without WEB_CONCURRENCY, a master pinned to one CPU runs one worker, not one per CPU in the machine."""
+    one = min(os.sched_getaffinity(0))
+    env = {k: v for k, v in os.environ.items() if k != "WEB_CONCURRENCY"}
+    code = "import runpy; print(runpy.run_path('gunicorn.conf.py')['workers'])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        preexec_fn=lambda: os.sched_setaffinity(0, {one}),
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout.strip()) == (0, "1"), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, iris_path):
+    """One live gunicorn (one sync worker, text logs) for the raw-socket tests below."""
+    env = {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""}
+    env.update(WORKER_CLASS="sync", LOG_FORMAT="text")
+    live = LiveServer(tmp_path_factory.mktemp("gunicorn"), env, workers=1).start()
+    yield live
+    live.stop()
+
+
+def exchange(port: int, data: bytes) -> tuple[int, dict, bytes]:
+    """Send raw bytes on a fresh connection; return the answer's status, headers and body (read to close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+POST = (
+    "POST /predict HTTP/1.1\r\nHost: x\r\n"
+    f"Authorization: {basic_auth()['Authorization']}\r\n"
+    "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+).encode()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"GET /" + b"MARKER" * 1000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"MARKER" * 2000 + b"\r\n\r\n", 431, "headers_too_large"),
+        (b"GET /health HTTP/1.1\r\n" + b"X-MARKER: 1\r\n" * 101 + b"\r\n", 431, "headers_too_large"),
+        (b"MARKER IS NOT A REQUEST LINE\r\n\r\n", 400, "bad_request"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nNoColonMARKER\r\n\r\n", 400, "bad_request"),
+        (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request"),
+        (b"GET /health HTTP/MARKER\r\nHost: x\r\n\r\n", 400, "bad_request"),
+        (b"G@T /MARKER HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nExpect: MARKER\r\n\r\n", 417, "expectation_failed"),
+        (b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: MARKER\r\n\r\n", 501, "not_implemented"),
+    ],
+    ids=["long-line", "long-header", "many-headers", "bad-line", "no-colon", "version", "bad-version", "method",
+         "expect", "transfer-coding"],
+)  # fmt: skip
+def test_requests_gunicorn_rejects_get_the_json_error_shape(server, request_bytes, status, code):
+    """What gunicorn answers itself is JSON in the app's error shape, with a fixed message that echoes nothing."""
+    got, headers, body = exchange(server.port, request_bytes)
+    assert (got, headers["content-type"]) == (status, "application/json")
+    error = json.loads(body)["error"]
+    assert (error["code"], error["request_id"]) == (code, None) and error["message"]
+    assert b"<html" not in body and b"MARKER" not in body
+
+
+@pytest.mark.parametrize("chunks", [b"ZZ\r\n{}\r\n0\r\n\r\n", b"2\r\n{}XX0\r\n\r\n"], ids=["size", "terminator"])
+def test_broken_chunked_body_is_a_400_not_a_crash(server, chunks):
+    """gunicorn parses a chunked body as the app reads it; bad framing is the client's 400, not a 500."""
+    status, headers, body = exchange(server.port, POST + chunks)
+    assert (status, headers["content-type"]) == (400, "application/json")
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request" and error["request_id"] == headers["x-request-id"]
+
+
+def test_text_log_line_cannot_be_forged_under_gunicorn(server):
+    """A percent-encoded newline in the path stays inside one quoted field of one text line."""
+    offset = server.stdout.stat().st_size
+    status, _, _ = exchange(server.port, b"GET /predict%0aforged=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    lines = server.stdout.read_bytes()[offset:].decode().splitlines()
+    assert status == 404
+    assert [line for line in lines if "forged" in line] == [lines[-1]]
+    assert ' path="/predict\\nforged=1" status=404 ' in lines[-1]
