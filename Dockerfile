@@ -9,4 +9,5 @@ RUN python models/train_demo.py && useradd --system sibyl && chown -R sibyl /srv
 USER sibyl
 EXPOSE 8000
 # Users (SIBYL_USERS or SIBYL_USERS_FILE) and REDIS_URL come from the orchestrator's secrets.
-CMD ["gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+# serve.py checks WEB_CONCURRENCY (which gunicorn reads before its config file), then execs gunicorn.
+CMD ["python", "serve.py"]

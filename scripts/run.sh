@@ -49,7 +49,7 @@ fi
 
 export BIND MODEL_PATH="$MODEL"
 echo "sibyl: loading $MODEL ..."
-.venv/bin/gunicorn -c gunicorn.conf.py wsgi:app &
+$PY serve.py &
 GUNICORN=$!
 PIDS+=("$GUNICORN")
 # Ctrl-C reaches gunicorn too; TERM from a supervisor is passed on. Either way gunicorn's exit ends the wait below.

@@ -14,6 +14,8 @@ from conftest import ROOT, USERS, LiveServer, basic_auth
     ("name", "value", "why"),
     [
         ("WEB_CONCURRENCY", "0", "must be a whole number >= 1"),
+        ("WEB_CONCURRENCY", "abc", "must be a whole number >= 1"),  # gunicorn itself int()s it, without serve.py
+        ("WEB_CONCURRENCY", "-2", "must be a whole number >= 1"),
         ("WORKER_CLASS", "gevnt", "must be one of sync, gthread"),
         ("GUNICORN_LOG_LEVEL", "loud", "must be one of debug, info, warning, error, critical"),
         ("BIND", "127.0.0.1:http", "must be host:port, [ipv6]:port, unix:/path or fd://N"),
@@ -23,14 +25,25 @@ from conftest import ROOT, USERS, LiveServer, basic_auth
     ],
 )
 def test_bad_gunicorn_variable_stops_with_one_line(tmp_path, name, value, why):
-    """A bad server variable stops gunicorn while it reads gunicorn.conf.py: one line naming it, no traceback."""
+    """A bad server variable stops `python serve.py` (how make run and the image start gunicorn) with one line
+    naming it, no traceback."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), name: value}
     proc = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"],
+        [sys.executable, "serve.py"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [f"sibyl: cannot start: {name}={value!r} {why}"]
+
+
+def test_empty_web_concurrency_means_the_default(tmp_path, iris_path):
+    """WEB_CONCURRENCY="" counts as unset, as every empty setting does (gunicorn alone would crash on it)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WEB_CONCURRENCY": "", "MODEL_PATH": str(iris_path)}
+    proc = subprocess.run(
+        [sys.executable, "serve.py", "--check-config"],
+        cwd=ROOT, env={**env, "SIBYL_USERS": USERS}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_worker_default_follows_the_affinity_mask():
