@@ -207,10 +207,9 @@ def _kept_graph(model: Model, dtype: type) -> tuple[bytes | None, str]:
         record = json.loads(_record_path(path).read_text())
     except (OSError, ValueError):
         return None, f"kept compiled model {path} has no readable record {_record_path(path).name}"
-    expected = _record(model, dtype, onnx_bytes)
-    differ = [key for key in expected if record.get(key) != expected[key]] if isinstance(record, dict) else ["all"]
-    if differ:
-        return None, f"kept compiled model {path} does not match its record ({', '.join(differ)} differ)"
+    record, expected = record if isinstance(record, dict) else {}, _record(model, dtype, onnx_bytes)
+    if differ := [key for key in expected if record.get(key) != expected[key]]:
+        return None, f"kept compiled model {path} does not match its record (different {', '.join(differ)})"
     return onnx_bytes, ""
 
 
