@@ -23,7 +23,7 @@ def create_app(config: dict | None = None) -> Flask:
     errors.init_app(app)
     auth.init_app(app)
     model = load_model(app.config["MODEL_PATH"], app.config["MODEL_SHA256"])
-    model.backend = choose_backend(model, app.config["INFERENCE_BACKEND"])
+    model.backend = choose_backend(model, app.config["INFERENCE_BACKEND"], app.config["COMPILE_TIMEOUT_SECONDS"])
     app.extensions["sibyl.model"] = model
     app.extensions["sibyl.cache"] = PredictionCache(
         app.config["REDIS_URL"] if app.config["CACHE_ENABLED"] else "",

@@ -1,10 +1,13 @@
 """(7) Predictors behind one interface: scikit-learn itself, or the same model compiled to ONNX."""
 
 import hashlib
+import json
 import logging
 import os
 import pickle
-import warnings
+import select
+import signal
+import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -13,16 +16,24 @@ import numpy as np
 import sklearn
 from threadpoolctl import threadpool_limits
 
-from app.registry import Model, ModelError
+from app.registry import (
+    Model,
+    ModelError,
+    final_estimator,
+    refuse_world_writable,
+    without_feature_names,
+    write_atomically,
+)
 
 log = logging.getLogger(__name__)
 
-# Compiled and scikit-learn outputs must agree this closely on the sample rows before we switch.
+# Compiled and scikit-learn outputs must agree this closely on the sample rows before we switch. A regressor's
+# value is the answer itself, so it must match to float64 rounding (the atol only matters for values near 0).
 PROBA_ATOL = 1e-5
+VALUE_RTOL, VALUE_ATOL = 1e-9, 1e-12
 _TREE_MODULES = ("sklearn.ensemble", "sklearn.tree")
-
-# Validation already guarantees finite float64 rows; a DataFrame-fitted model would warn on every call.
-warnings.filterwarnings("ignore", message="X does not have valid feature names")
+# Libraries whose versions decide what a kept compiled graph computes.
+_COMPILER_LIBS = ("scikit-learn", "skl2onnx", "onnx", "onnxruntime")
 # Workers = cores: a BLAS or OpenMP pool per worker would oversubscribe them. Set once for the process
 # (the gunicorn master, whose forked workers inherit it), not per backend object.
 threadpool_limits(1)
@@ -40,7 +51,9 @@ class SklearnBackend:
     name = "sklearn"
 
     def __init__(self, estimator: Any) -> None:
-        self.estimator = estimator
+        # Rows arrive validated and ordered by the model's (checked) feature names, so the estimator's own name
+        # check only warns; a copy without names skips it, leaving the warning on for everyone else's calls.
+        estimator = self.estimator = without_feature_names(estimator)
         self.scope = _scope(self.name, f"scikit-learn {sklearn.__version__}", f"numpy {np.__version__}")
         for key in estimator.get_params(deep=True):
             if key == "n_jobs" or key.endswith("__n_jobs"):
@@ -129,25 +142,20 @@ def _convert(model: Model, dtype: type) -> bytes:
     from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
 
     tensor = DoubleTensorType if dtype is np.float64 else FloatTensorType
-    final = _final_estimator(model.estimator)
+    final = final_estimator(model.estimator)
     # ZipMap (a list of dicts per row) is slow and pointless: we build our own maps.
     options = {id(final): {"zipmap": False}} if model.classes is not None else None
     onx = convert_sklearn(model.estimator, initial_types=[("X", tensor([None, model.n_features]))], options=options)
     return onx.SerializeToString()
 
 
-def _final_estimator(est: Any) -> Any:
-    """The last step of (possibly nested) pipelines."""
-    while hasattr(est, "steps"):
-        est = est.steps[-1][1]
-    return est
-
-
 def _dtypes(model: Model) -> list[type]:
-    """Input precisions to try: tree classifiers compare in float32 inside scikit-learn, so match them;
-    everything else keeps float64 so values come back as scikit-learn computes them."""
-    module = type(_final_estimator(model.estimator)).__module__
-    if model.classes is not None and module.startswith(_TREE_MODULES):
+    """Input precisions to try. A regressor's value is the answer, so float64 only (a float32 graph drifts by
+    ~1e-7); tree classifiers compare in float32 inside scikit-learn, so match them; other classifiers prefer
+    float64 (their labels and probabilities are verified either way)."""
+    if model.classes is None:
+        return [np.float64]
+    if type(final_estimator(model.estimator)).__module__.startswith(_TREE_MODULES):
         return [np.float32, np.float64]
     return [np.float64, np.float32]
 
@@ -162,8 +170,9 @@ def disagreement(model: Model, backend: OnnxBackend, rows: np.ndarray) -> str | 
     ref_labels, ref_p = backend.reference.predict(rows, proba=model.has_proba)
     labels, p = backend.predict(rows, proba=model.has_proba)
     if model.classes is None:
-        if not np.allclose(labels, ref_labels, rtol=1e-5, atol=PROBA_ATOL):
-            return f"predictions differ by up to {np.max(np.abs(labels - ref_labels)):.3g}"
+        if not np.allclose(labels, ref_labels, rtol=VALUE_RTOL, atol=VALUE_ATOL):
+            rel = np.max(np.abs(labels - ref_labels) / np.maximum(np.abs(ref_labels), VALUE_ATOL))
+            return f"predictions differ by up to {rel:.3g} relative (at most {VALUE_RTOL:g} is allowed)"
         return None
     if not np.array_equal(labels, ref_labels):
         return f"labels differ on {int(np.sum(labels != ref_labels))} of {len(rows)} sample rows"
@@ -172,62 +181,146 @@ def disagreement(model: Model, backend: OnnxBackend, rows: np.ndarray) -> str | 
     return None
 
 
-def _compile(model: Model) -> tuple[bytes | None, type | None, str]:
-    """Convert (or reuse a kept conversion) and verify; return (onnx bytes, input dtype, why not)."""
+def _record_path(graph: Path) -> Path:
+    """The record beside a kept graph: what it was built from, and its own sha256."""
+    return graph.with_suffix(".json")
+
+
+def _record(model: Model, dtype: type, onnx_bytes: bytes) -> dict:
+    """What a kept graph's record must say for the graph to be used: its digest, its source and its compilers."""
+    return {
+        "graph_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        "artifact_sha256": model.sha256,
+        "dtype": np.dtype(dtype).name,
+        # Read from package metadata: importing onnxruntime here (the master) would break forked workers.
+        "versions": {lib: version(lib) for lib in _COMPILER_LIBS},
+    }
+
+
+def _kept_graph(model: Model, dtype: type) -> tuple[bytes | None, str]:
+    """The kept compiled graph if its record vouches for it; else (None, why it was not used, "" if never kept)."""
+    path = _compiled_path(model, dtype)
+    if not path.is_file():
+        return None, ""
+    onnx_bytes = path.read_bytes()
+    try:
+        record = json.loads(_record_path(path).read_text())
+    except (OSError, ValueError):
+        return None, f"kept compiled model {path} has no readable record {_record_path(path).name}"
+    record, expected = record if isinstance(record, dict) else {}, _record(model, dtype, onnx_bytes)
+    if differ := [key for key in expected if record.get(key) != expected[key]]:
+        return None, f"kept compiled model {path} does not match its record (different {', '.join(differ)})"
+    return onnx_bytes, ""
+
+
+def _compile(model: Model, strict: bool) -> tuple[bytes | None, type | None, str, list[str]]:
+    """Reuse a kept conversion its record vouches for, or convert; verify against scikit-learn. Return (onnx
+    bytes, input dtype, why not, notes for the log). strict (INFERENCE_BACKEND=onnx): a kept graph that doesn't
+    match its record stops here rather than being rebuilt."""
     rows = sample_rows(model)
-    reasons = []
+    reasons, notes = [], []
     for dtype in _dtypes(model):
-        cached = _compiled_path(model, dtype)
+        path = _compiled_path(model, dtype)
         try:
-            onnx_bytes = cached.read_bytes() if cached.is_file() else _convert(model, dtype)
+            onnx_bytes, stale = _kept_graph(model, dtype)
+            if stale and strict:
+                return None, None, stale, notes
+            if stale:
+                notes.append(f"{stale}; converting again")
+            kept = onnx_bytes is not None
+            onnx_bytes = onnx_bytes if kept else _convert(model, dtype)
             why = disagreement(model, OnnxBackend(onnx_bytes, model, dtype), rows)
         except Exception as e:  # noqa: BLE001 - skl2onnx/onnxruntime raise many kinds for unsupported models
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            why = f"{type(e).__name__}: {_first_line(e)}"
         if why is None:
-            if not cached.is_file():
-                _write_atomically(cached, onnx_bytes)
-            return onnx_bytes, dtype, ""
+            if not kept:
+                _keep(path, onnx_bytes)
+                _keep(_record_path(path), json.dumps(_record(model, dtype, onnx_bytes), indent=2).encode())
+            return onnx_bytes, dtype, "", notes
         reasons.append(f"{np.dtype(dtype).name}: {why}")
-    return None, None, "; ".join(reasons)
+    return None, None, "; ".join(reasons), notes
 
 
-def _in_child(fn: Any) -> Any:
-    """Run fn in a forked child and return its result, so onnxruntime never loads in this process (see warm)."""
+def _first_line(e: BaseException) -> str:
+    """An exception's message, cut to one line for a log or startup line."""
+    return str(e).splitlines()[0] if str(e) else ""
+
+
+class ChildFailed(Exception):
+    """The conversion child timed out, crashed or raised; the message says which."""
+
+
+def _in_child(fn: Any, timeout: float) -> Any:
+    """Run fn in a forked child and return its result, so onnxruntime never loads in this process (see warm);
+    raise ChildFailed if it takes longer than timeout seconds (the child is killed), raises or dies."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: compute, send, and leave without running onnxruntime's exit-time destructors
-        os.close(read_end)
         try:
+            os.close(read_end)
+            try:
+                payload = pickle.dumps((True, fn()))
+            except BaseException as e:  # noqa: BLE001 - whatever went wrong, the parent must hear what it was
+                payload = pickle.dumps((False, f"{type(e).__name__}: {_first_line(e)}"))
             with os.fdopen(write_end, "wb") as out:
-                out.write(pickle.dumps(fn()))
+                out.write(payload)
         finally:
             os._exit(0)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as inp:
-        data = inp.read()
-    os.waitpid(pid, 0)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while chunk := _read_before(read_end, deadline):
+            chunks.append(chunk)
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
+        raise ChildFailed(f"ONNX conversion took longer than COMPILE_TIMEOUT_SECONDS={timeout:g} s") from None
+    finally:
+        os.close(read_end)
+        status = os.waitpid(pid, 0)[1]
+    if not chunks:
+        if os.WIFSIGNALED(status):
+            raise ChildFailed(f"ONNX conversion process was killed by {signal.Signals(os.WTERMSIG(status)).name}")
+        raise ChildFailed(f"ONNX conversion process exited with status {os.waitstatus_to_exitcode(status)}")
     # Our own child's pickle, read from a private pipe: no untrusted input is unpickled here.
-    return pickle.loads(data) if data else (None, None, "conversion process died")  # noqa: S301
+    ok, value = pickle.loads(b"".join(chunks))  # noqa: S301
+    if not ok:
+        raise ChildFailed(f"ONNX conversion failed: {value}")
+    return value
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write so that a concurrent reader never sees half a file; a read-only model dir is not an error."""
+def _read_before(fd: int, deadline: float) -> bytes:
+    """The next chunk from a pipe (b"" at its end), or TimeoutError once the deadline has passed."""
+    if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        raise TimeoutError
+    return os.read(fd, 1 << 20)
+
+
+def _keep(path: Path, data: bytes) -> None:
+    """Keep a compiled file for the next start; a read-only model dir is not an error."""
     try:
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.replace(path)
+        write_atomically(path, data)
     except OSError as e:
         log.info("could not keep the compiled model at %s (%s); it will be converted again next start", path, e)
 
 
-def choose_backend(model: Model, mode: str) -> Any:
-    """Pick the predictor for a model per INFERENCE_BACKEND (auto | sklearn | onnx)."""
+def choose_backend(model: Model, mode: str, timeout: float = 300.0) -> Any:
+    """Pick the predictor for a model per INFERENCE_BACKEND (auto | sklearn | onnx); compiling gets timeout s."""
     if mode not in {"auto", "sklearn", "onnx"}:
         raise ModelError(f"INFERENCE_BACKEND must be auto, sklearn or onnx, not {mode!r}")
     if mode == "sklearn":
         return SklearnBackend(model.estimator)
-    onnx_bytes, dtype, why = _in_child(lambda: _compile(model))
+    for dtype in _dtypes(model):
+        graph = _compiled_path(model, dtype)
+        for path in (graph, _record_path(graph)):
+            if path.is_file():  # checked here, before the child trusts it, as the artifact is
+                refuse_world_writable(path, "compiled model file")
+    try:
+        onnx_bytes, dtype, why, notes = _in_child(lambda: _compile(model, strict=mode == "onnx"), timeout)
+    except ChildFailed as e:
+        onnx_bytes, dtype, why, notes = None, None, str(e), []
+    for note in notes:
+        log.warning("model %s %s: %s", model.name, model.version, note)
     if onnx_bytes is not None:
         log.info("model %s %s: serving the compiled ONNX backend", model.name, model.version)
         return OnnxBackend(onnx_bytes, model, dtype)

@@ -36,18 +36,19 @@ def create_user(name: str, users_file: str | None, dev: bool) -> None:
 @click.option("--version", "version", default="1", show_default=True, help="Model version.")
 @click.option("--features", help="Comma-separated feature names, if the model wasn't fitted on a DataFrame.")
 def register(artifact: str, name: str | None, version: str, features: str | None) -> None:
-    """Write the metadata (sha256, features, classes) Sibyl needs beside a model you trust."""
-    import joblib
-
-    from app.registry import load_model, write_metadata
+    """Check a model you trust as startup would, then write the metadata (sha256, features, classes) beside it."""
+    from app.registry import ModelError, open_artifact, write_metadata
 
     path = Path(artifact)
-    # Unpickling runs code: this is the one place Sibyl opens an unverified artifact, at your request.
-    estimator = joblib.load(path)
     names = [f.strip() for f in features.split(",")] if features else None
-    write_metadata(estimator, path, name or path.stem, version, names)
-    model = load_model(path)  # the same checks startup will make
-    click.echo(f"wrote {path.with_suffix('.json')}: {model.name} {model.version}, {model.n_features} features")
+    try:
+        # Unpickling runs code: this is the one place Sibyl opens an unverified artifact, at your request.
+        estimator = open_artifact(path)
+        meta = write_metadata(estimator, path, name or path.stem, version, names)
+    except (ModelError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    n_features = estimator.n_features_in_
+    click.echo(f"wrote {path.with_suffix('.json')}: {meta['name']} {meta['version']}, {n_features} features")
     click.echo(f"serve it with: MODEL_PATH={path} make run")
 
 

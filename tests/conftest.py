@@ -27,6 +27,13 @@ USERS = f"{USER}:sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 
 
+def fitted_on_names(estimator, names: list[str]):
+    """Mark a fitted estimator as fitted on a DataFrame with these columns: the one attribute scikit-learn keeps
+    from such a fit (pandas is not installed here)."""
+    estimator.feature_names_in_ = np.asarray(names, dtype=object)
+    return estimator
+
+
 def basic_auth(user: str = USER, key: str = KEY) -> dict:
     """An Authorization header for basic auth."""
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()}

@@ -1,9 +1,15 @@
 """Compiled ONNX and scikit-learn backends agree on every estimator kind we ship tests for."""
 
+import json
+import os
+import signal
+import time
+import warnings
+
 import numpy as np
 import pytest
 import redis
-from conftest import basic_auth
+from conftest import basic_auth, fitted_on_names
 from sklearn.ensemble import (
     GradientBoostingClassifier,
     HistGradientBoostingClassifier,
@@ -16,7 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
 from app import backends
-from app.registry import ModelError, load_model
+from app.registry import ModelError, file_sha256, load_model, save_model
 
 ESTIMATORS = {
     "logistic": (LogisticRegression, {}),
@@ -57,11 +63,34 @@ def test_onnx_matches_sklearn_classifiers(make_app, make_model, kind):
 
 
 @pytest.mark.parametrize("estimator", [LinearRegression(), RandomForestRegressor(n_estimators=10, random_state=0)])
-def test_onnx_matches_sklearn_regressors(make_app, make_model, estimator):
-    """Regression values agree to 1e-5 relative."""
-    path = make_model(estimator, n_features=3, name=type(estimator).__name__, classify=False)
+def test_regressor_answers_are_scikit_learns_to_1e9(make_app, tmp_path, estimator):
+    """A regressor's value is the answer: served values equal model.predict to 1e-9 relative on fresh rows, from
+    a float64 graph or scikit-learn itself, never a float32 graph."""
+    X = np.random.default_rng(0).normal(size=(200, 2))
+    model = fitted_on_names(estimator.fit(X, X @ [1.0, 2.0] + 0.5), ["a", "b"])
+    path = tmp_path / "reg.joblib"
+    save_model(model, path, name="reg", version="1", sample_rows=X[:20])
+    app = make_app(MODEL_PATH=str(path))
+    backend = app.extensions["sibyl.model"].backend
+    assert backend.name == "sklearn" or backend.dtype is np.float64
+    fresh = np.array(rows(2))
+    body = {"instances": [{"a": a, "b": b} for a, b in fresh.tolist()]}
+    answers = app.test_client().post("/predict", json=body, headers=basic_auth()).json["predictions"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an ndarray for a model fitted on names: scikit-learn's warning, not ours
+        expected = model.predict(fresh)
+    np.testing.assert_allclose(answers, expected, rtol=1e-9, atol=0)
+
+
+def test_linear_regressor_compiles_to_float64_and_forest_regressor_is_refused(make_app, make_model):
+    """Under onnx a linear regressor serves a float64 graph; a forest regressor (whose float64 trees onnxruntime
+    can't run) is refused rather than served in float32."""
+    path = make_model(LinearRegression(), n_features=3, name="linear", classify=False)
     onnx, sk = predict_both(make_app, path, {"features": rows(3)})
-    np.testing.assert_allclose(onnx["predictions"], sk["predictions"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(onnx["predictions"], sk["predictions"], rtol=1e-9, atol=0)
+    forest = make_model(RandomForestRegressor(n_estimators=5, random_state=0), n_features=3, name="f", classify=False)
+    with pytest.raises(ModelError, match="float64: "):
+        make_app(MODEL_PATH=str(forest), INFERENCE_BACKEND="onnx")
 
 
 def test_demo_model_is_compiled_and_agrees(make_app, iris_path):
@@ -149,3 +178,105 @@ def test_cache_keys_carry_the_backend_scope(make_app, redis_url):
     scope = app.extensions["sibyl.model"].backend.scope
     keys = redis.Redis.from_url(redis_url).keys("*")
     assert keys and all(f":{scope}:".encode() in k for k in keys)
+
+
+def compiled_files(path):
+    """The kept graph and its record for an artifact (one precision was kept)."""
+    (graph,) = (path.parent / ".compiled").glob("*.onnx")
+    return graph, graph.with_suffix(".json")
+
+
+def spoil(graph, record, how):
+    """Make a kept graph untrustworthy in one of the ways a disk, an attacker or an upgrade would."""
+    if how == "tampered":
+        data = bytearray(graph.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        graph.write_bytes(bytes(data))
+    elif how == "no-record":
+        record.unlink()
+    elif how == "foreign-record":
+        meta = json.loads(record.read_text())
+        record.write_text(json.dumps({**meta, "artifact_sha256": "0" * 64}))
+    elif how == "other-versions":
+        meta = json.loads(record.read_text())
+        record.write_text(json.dumps({**meta, "versions": {**meta["versions"], "onnxruntime": "0.0"}}))
+
+
+@pytest.mark.parametrize("how", ["tampered", "no-record", "foreign-record", "other-versions"])
+def test_untrusted_compiled_graph_is_rebuilt_under_auto(make_app, make_model, capsys, how):
+    """A kept graph whose record doesn't vouch for it is converted again (one log line), and the disk is fixed."""
+    path = make_model(LogisticRegression(), name=f"kept-{how}")
+    make_app(MODEL_PATH=str(path))
+    graph, record = compiled_files(path)
+    spoil(graph, record, how)
+    spoiled = graph.read_bytes()
+    capsys.readouterr()
+    app = make_app(MODEL_PATH=str(path))
+    assert app.extensions["sibyl.model"].backend.name == "onnx"
+    assert capsys.readouterr().out.count("converting again") == 1
+    assert json.loads(record.read_text())["graph_sha256"] == file_sha256(graph)
+    assert how != "tampered" or graph.read_bytes() != spoiled
+    # What was rebuilt is trusted again, even by the strict setting.
+    assert make_app(MODEL_PATH=str(path), INFERENCE_BACKEND="onnx").extensions["sibyl.model"].backend.name == "onnx"
+
+
+@pytest.mark.parametrize("how", ["tampered", "no-record", "other-versions"])
+def test_untrusted_compiled_graph_is_refused_under_onnx(make_app, make_model, how):
+    """INFERENCE_BACKEND=onnx never serves, nor silently rebuilds, a graph its record doesn't vouch for."""
+    path = make_model(LogisticRegression(), name=f"strict-{how}")
+    make_app(MODEL_PATH=str(path))
+    graph, record = compiled_files(path)
+    spoil(graph, record, how)
+    with pytest.raises(ModelError) as e:
+        make_app(MODEL_PATH=str(path), INFERENCE_BACKEND="onnx")
+    assert "INFERENCE_BACKEND=onnx" in str(e.value) and str(graph) in str(e.value)
+    assert "record" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_world_writable_compiled_graph_is_refused(make_app, make_model):
+    """A compiled graph anyone could replace stops startup, as a world-writable artifact does."""
+    path = make_model(LogisticRegression(), name="writable")
+    make_app(MODEL_PATH=str(path))
+    graph, _ = compiled_files(path)
+    graph.chmod(0o666)
+    with pytest.raises(ModelError, match="world-writable"):
+        make_app(MODEL_PATH=str(path))
+
+
+def test_slow_conversion_is_cut_off(make_app, make_model, monkeypatch, capsys):
+    """A conversion past COMPILE_TIMEOUT_SECONDS is killed: auto serves scikit-learn saying why, onnx refuses."""
+    path = make_model(LogisticRegression(), name="slow")
+    monkeypatch.setattr(backends, "_compile", lambda *a, **kw: time.sleep(600))
+    capsys.readouterr()
+    app = make_app(MODEL_PATH=str(path), COMPILE_TIMEOUT_SECONDS=1)
+    assert app.extensions["sibyl.model"].backend.name == "sklearn"
+    assert "ONNX conversion took longer than COMPILE_TIMEOUT_SECONDS=1 s" in capsys.readouterr().out
+    with pytest.raises(ModelError, match="took longer than COMPILE_TIMEOUT_SECONDS=1 s"):
+        make_app(MODEL_PATH=str(path), COMPILE_TIMEOUT_SECONDS=1, INFERENCE_BACKEND="onnx")
+
+
+def unpicklable(*a, **kw):
+    """A result the child can't send back."""
+    return lambda: None
+
+
+def raises(*a, **kw):
+    """A failure outside _compile's own error handling."""
+    raise MemoryError("no room for the graph")
+
+
+@pytest.mark.parametrize(
+    ("child", "words"),
+    [(unpicklable, "ONNX conversion failed: AttributeError: Can't pickle local object"),
+     (raises, "ONNX conversion failed: MemoryError: no room for the graph"),
+     (lambda *a, **kw: os._exit(3), "ONNX conversion process exited with status 3"),
+     (lambda *a, **kw: os.kill(os.getpid(), signal.SIGKILL), "ONNX conversion process was killed by SIGKILL")],
+    ids=["unpicklable", "raises", "exits", "killed"],
+)  # fmt: skip
+def test_conversion_child_failure_says_what_happened(make_app, make_model, monkeypatch, child, words):
+    """However the conversion child fails, startup under onnx names the real cause, not "process died"."""
+    path = make_model(LogisticRegression(), name="crash")
+    monkeypatch.setattr(backends, "_compile", child)
+    with pytest.raises(ModelError, match="INFERENCE_BACKEND=onnx") as e:
+        make_app(MODEL_PATH=str(path), INFERENCE_BACKEND="onnx")
+    assert words in str(e.value)
