@@ -197,33 +197,37 @@ def _record(model: Model, dtype: type, onnx_bytes: bytes) -> dict:
     }
 
 
-def _kept_graph(model: Model, dtype: type) -> tuple[bytes | None, str]:
-    """The kept compiled graph if its record vouches for it; else (None, why it was not used, "" if never kept)."""
+def _kept_graph(model: Model, dtype: type) -> tuple[bytes | None, str, bool]:
+    """The kept compiled graph if its record vouches for it; else (None, why it was not used ("" if never kept),
+    whether its bytes were changed after it was recorded)."""
     path = _compiled_path(model, dtype)
     if not path.is_file():
-        return None, ""
+        return None, "", False
     onnx_bytes = path.read_bytes()
     try:
         record = json.loads(_record_path(path).read_text())
     except (OSError, ValueError):
-        return None, f"kept compiled model {path} has no readable record {_record_path(path).name}"
+        return None, f"kept compiled model {path} has no readable record {_record_path(path).name}", False
     record, expected = record if isinstance(record, dict) else {}, _record(model, dtype, onnx_bytes)
-    if differ := [key for key in expected if record.get(key) != expected[key]]:
-        return None, f"kept compiled model {path} does not match its record (different {', '.join(differ)})"
-    return onnx_bytes, ""
+    if differ := [key for key in expected if key != "graph_sha256" and record.get(key) != expected[key]]:
+        # Stale (another artifact, precision or library version), not tampered: converting again is the fix.
+        return None, f"kept compiled model {path} was built from something else (different {', '.join(differ)})", False
+    if record.get("graph_sha256") != expected["graph_sha256"]:
+        return None, f"kept compiled model {path} does not match its record (different graph_sha256)", True
+    return onnx_bytes, "", False
 
 
 def _compile(model: Model, strict: bool) -> tuple[bytes | None, type | None, str, list[str]]:
     """Reuse a kept conversion its record vouches for, or convert; verify against scikit-learn. Return (onnx
-    bytes, input dtype, why not, notes for the log). strict (INFERENCE_BACKEND=onnx): a kept graph that doesn't
-    match its record stops here rather than being rebuilt."""
+    bytes, input dtype, why not, notes for the log). strict (INFERENCE_BACKEND=onnx): a kept graph whose bytes
+    changed after it was recorded stops here rather than being rebuilt; a stale or unrecorded one is rebuilt."""
     rows = sample_rows(model)
     reasons, notes = [], []
     for dtype in _dtypes(model):
         path = _compiled_path(model, dtype)
         try:
-            onnx_bytes, stale = _kept_graph(model, dtype)
-            if stale and strict:
+            onnx_bytes, stale, tampered = _kept_graph(model, dtype)
+            if tampered and strict:
                 return None, None, stale, notes
             if stale:
                 notes.append(f"{stale}; converting again")
@@ -306,8 +310,6 @@ def _keep(path: Path, data: bytes) -> None:
 
 def choose_backend(model: Model, mode: str, timeout: float = 300.0) -> Any:
     """Pick the predictor for a model per INFERENCE_BACKEND (auto | sklearn | onnx); compiling gets timeout s."""
-    if mode not in {"auto", "sklearn", "onnx"}:
-        raise ModelError(f"INFERENCE_BACKEND must be auto, sklearn or onnx, not {mode!r}")
     if mode == "sklearn":
         return SklearnBackend(model.estimator)
     for dtype in _dtypes(model):
