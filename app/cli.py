@@ -66,7 +66,8 @@ def curl(artifact: str, url: str, credentials: str) -> None:
     except (OSError, ValueError) as e:
         raise click.ClickException(f"model metadata {meta_file} is unreadable: {e}") from None
     names = meta.get("feature_names")
-    row = (meta.get("sample_rows") or [None])[0] or [0.0] * (len(names) if names else meta.get("n_features") or 1)
+    width = len(names) if names else meta.get("n_features") or 1  # metadata from before n_features: a 400 says
+    row = (meta.get("sample_rows") or [None])[0] or [0.0] * width
     # Named rows show the caller which value is which; a model without names takes a plain list.
     instance = dict(zip(names, row)) if names else row
     body = json.dumps({"instances": [instance]})

@@ -107,6 +107,8 @@ def write_metadata(
         "sha256": file_sha256(path),
         "sklearn_version": sklearn.__version__,
         "feature_names": names,
+        # Read without unpickling (the curl `make run` prints for a model with no names or sample rows).
+        "n_features": int(estimator.n_features_in_),
         "classes": np.asarray(classes).tolist() if classes is not None else None,
         "task": "classification" if classes is not None else "regression",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

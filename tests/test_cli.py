@@ -1,5 +1,6 @@
 """`python -m app.cli register`: the checks startup makes, before anything is written."""
 
+import json
 import subprocess
 import sys
 
@@ -79,3 +80,18 @@ def test_register_uses_the_fitted_names_and_the_app_serves_them(make_app, tmp_pa
     r = client.post("/predict", json={"instances": [{"b": 0, "a": 1}]}, headers=basic_auth())
     assert r.json["model"] == {"name": "ten_a", "version": "2"}
     assert r.json["predictions"] == [pytest.approx(10.0)]
+
+
+def test_printed_curl_fits_a_model_without_names_or_sample_rows(tmp_path, make_app):
+    """`app.cli curl` (what make run prints) sends a row of the model's width even when register knew no names
+    and no sample rows: pasted, it answers 200."""
+    path = tmp_path / "plain.joblib"
+    joblib.dump(LinearRegression().fit(np.c_[X, X], X[:, 0]), path)
+    assert register(path).returncode == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "curl", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    ).stdout
+    body = json.loads(out.split(" -d '")[1].split("' ")[0])
+    assert body == {"instances": [[0.0, 0.0, 0.0, 0.0]]}
+    r = make_app(MODEL_PATH=str(path)).test_client().post("/predict", json=body, headers=basic_auth())
+    assert r.status_code == 200
