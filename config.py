@@ -144,6 +144,16 @@ class Config:
 
     # The model artifact to serve; its metadata file sits beside it (same name, .json).
     MODEL_PATH = _setting("MODEL_PATH", "models/iris.joblib", path)
+    # The registry: <name>/<version>/ folders, each with an artifact and its metadata, plus <name>/manifest.json.
+    MODEL_DIR = _setting("MODEL_DIR", "models", path)
+    # The model POST /predict serves (empty: the only one, when there is only one).
+    DEFAULT_MODEL = _setting("DEFAULT_MODEL", "")
+    # A bad artifact stops startup, unless this is set and it is not the default: then it is reported unavailable.
+    SKIP_BAD_MODELS = _setting("SKIP_BAD_MODELS", "false", flag)
+    # A model written by another scikit-learn version warns; with this set, it is refused.
+    STRICT_SKLEARN_VERSION = _setting("STRICT_SKLEARN_VERSION", "false", flag)
+    # Types a .skops artifact may hold beyond scikit-learn's own, comma-separated (anything else is refused).
+    SKOPS_TRUSTED_TYPES = _setting("SKOPS_TRUSTED_TYPES", "")
     # Optional pin from deployment config: the artifact must have this sha256 (the metadata's own
     # digest only proves the two files agree, not that nobody swapped both).
     MODEL_SHA256 = _setting("MODEL_SHA256", "", sha256_pin)
@@ -165,6 +175,9 @@ class Config:
     CACHE_ENABLED = _setting("CACHE_ENABLED", "true", flag)
     CACHE_TTL = _setting("CACHE_TTL", "3600", number(minimum=1))
     CACHE_PREFIX = _setting("CACHE_PREFIX", "sibyl:")
+    # Where a model's manifest doesn't say: on (Redis and the worker tier), off (neither), auto (Redis only where
+    # predicting a row costs more than a Redis round trip, measured at startup).
+    CACHE_POLICY = _setting("CACHE_POLICY", "on", choice("on", "off", "auto"))
     # Answers each worker also keeps in memory, so a repeated row costs no Redis round trip (0 turns it off).
     CACHE_LOCAL_ENTRIES = _setting("CACHE_LOCAL_ENTRIES", "10000", number())
     # ... and at most this many bytes of them (keys and stored answers), whichever bound is reached first.
@@ -183,3 +196,6 @@ class Config:
     # One JSON line per request on stdout; "text" is for reading by eye.
     LOG_LEVEL = _setting("LOG_LEVEL", "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
     LOG_FORMAT = _setting("LOG_FORMAT", "json", choice("json", "text"))
+    # This many refused logins from one address within AUDIT_WINDOW_SECONDS write one audit line.
+    AUDIT_LOGIN_FAILURES = _setting("AUDIT_LOGIN_FAILURES", "10", number(minimum=1))
+    AUDIT_WINDOW_SECONDS = _setting("AUDIT_WINDOW_SECONDS", "60", number(float, minimum=1))
