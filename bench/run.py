@@ -31,21 +31,19 @@ from sklearn.linear_model import LogisticRegression
 from app.backends import choose_backend
 from app.registry import load_model, save_model
 from bench import report
-from bench.servers import (
+from bench.measure import cpu_seconds, memory, wrk
+from config import Config
+from tests.support.servers import (
     ROOT,
-    BenchError,
     Gunicorn,
-    cpu_seconds,
-    memory,
+    HarnessError,
     serving,
     spawn,
     start_redis,
     stop,
     stop_all,
     wait_for_keys,
-    wrk,
 )
-from config import Config
 
 FEATURES = 20
 RESULTS = Path(__file__).with_name("results")
@@ -124,7 +122,7 @@ class Bench:
             problem = f"X-Cache {r.headers.get('X-Cache')} where {cache} was expected (is Redis reachable?)"
         else:
             return
-        raise BenchError(f"{server.name} at {server.url} answers wrongly, not timing it: {problem}")
+        raise HarnessError(f"{server.name} at {server.url} answers wrongly, not timing it: {problem}")
 
     def load(
         self, server: Gunicorn, model: str | None, shape: Shape, c: int, body: bytes | None = None, debug: bool = False
@@ -143,7 +141,7 @@ class Bench:
         # Only gthread workers hold connections; sync workers take one request at a time from the socket.
         gthread = os.environ.get("WORKER_CLASS", "sync") == "gthread"
         split = server.connections if c >= self.workers and gthread else None
-        # Redo a run whose connections missed a worker (see servers.wrk); the last try is kept as it is.
+        # Redo a run whose connections missed a worker (see measure.wrk); the last try is kept as it is.
         workers = server.workers()
         for attempt in range(1, SPLIT_TRIES + 1):
             offset = server.stdout.stat().st_size
@@ -243,7 +241,7 @@ def where_time_goes(bench: Bench, server: Gunicorn, model: str, hit_body: bytes)
             stop(profiler)
         reqs = [x for x in lines if x.get("status") == 200 and "steps_ms" in x]
         if not reqs:
-            raise BenchError(f"{server.name}: no DEBUG request lines with steps_ms in {server.stdout}")
+            raise HarnessError(f"{server.name}: no DEBUG request lines with steps_ms in {server.stdout}")
         mean = lambda values: round(statistics.fmean(values), 3)  # noqa: E731
         steps = {k: mean([x["steps_ms"][k] for x in reqs]) for k in reqs[0]["steps_ms"]}
         app_ms = mean([x["duration_ms"] for x in reqs])
@@ -276,7 +274,7 @@ def check_sibyl(bench: Bench, server: Gunicorn, model: dict) -> None:
     bench.check(server, model["body"], model["expected"], cache="MISS")
     rows = len(model["expected"])
     if wait_for_keys(bench.redis, rows) != rows:
-        raise BenchError(f"{server.name} at {server.url} answered a MISS but stored nothing in Redis")
+        raise HarnessError(f"{server.name} at {server.url} answered a MISS but stored nothing in Redis")
     bench.check(server, model["body"], model["expected"], cache="HIT")
     bench.check(server, model["hit_body"], model["expected"][:1], cache="HIT")
 
@@ -430,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = run(plan, Path(tmp))
             finally:
                 stop_all()
-    except BenchError as e:
+    except HarnessError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -19,8 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 from app import create_app  # noqa: E402
 from app.registry import save_model  # noqa: E402
-from bench.servers import Gunicorn, await_redis, free_port, redis_args  # noqa: E402  (shared with make bench)
 from models.train_demo import main as train_demo  # noqa: E402
+from tests.support.servers import Gunicorn, await_redis, free_port, redis_args  # noqa: E402  (shared with make bench)
 
 USER, KEY = "alice", "alice-test-key-0123456789abcdef"
 USERS = f"{USER}:sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"

@@ -20,7 +20,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from app.cache import PredictionCache
 from app.registry import save_model
-from bench.servers import json_lines, requests_in, wait_for_keys
+from tests.support.servers import json_lines, requests_in, wait_for_keys
 
 ROW_A, ROW_B = IRIS_ROWS
 ROW_C, ROW_D = [5.9, 3.0, 4.2, 1.5], [6.3, 2.5, 5.0, 1.9]

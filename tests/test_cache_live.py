@@ -8,7 +8,7 @@ import time
 import requests
 from conftest import IRIS_ROWS
 
-from bench.servers import tcp_sockets, wait_for_keys
+from tests.support.servers import tcp_sockets, wait_for_keys
 
 # Rows the load run repeats (so some answers come from the cache) beside unique random ones.
 REPEATED = [*IRIS_ROWS, [5.9, 3.0, 4.2, 1.5], [6.3, 2.5, 5.0, 1.9]]

@@ -2,7 +2,7 @@
 
 from conftest import IRIS_ROWS, KEY, USER, basic_auth
 
-from bench.servers import json_lines, requests_in
+from tests.support.servers import json_lines, requests_in
 
 
 def request_lines(out: str) -> list[dict]:

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, basic_auth
 from sklearn.linear_model import LinearRegression
 
-from bench.servers import free_port
+from tests.support.servers import free_port
 
 
 class RunScript:

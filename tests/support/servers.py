@@ -1,10 +1,9 @@
-"""The processes the bench and the live tests start (redis-server, gunicorn, wrk): loopback ports, always stopped."""
+"""The processes the live tests and the bench start (redis-server, gunicorn): loopback ports, always stopped."""
 
 import contextlib
 import ctypes
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -17,16 +16,15 @@ from pathlib import Path
 import redis
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-LUA = Path(__file__).with_name("predict.lua")
+ROOT = Path(__file__).resolve().parents[2]
 _PR_SET_PDEATHSIG = 1
 
 # Every long-lived process we start, so stop_all() can end them on any exit path.
 _started: list[subprocess.Popen] = []
 
 
-class BenchError(RuntimeError):
-    """Something the bench depends on failed; the run stops with this message."""
+class HarnessError(RuntimeError):
+    """A process the tests or the bench rely on failed to start or answered wrongly; the message says which."""
 
 
 def free_port() -> int:
@@ -36,8 +34,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: the kernel SIGTERMs it if the bench dies, even by SIGKILL."""
+def die_with_parent() -> None:
+    """In the child before exec: the kernel SIGTERMs it if its parent (pytest, the bench) dies, even by SIGKILL."""
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -46,7 +44,7 @@ def spawn(args: list[str], stdout: Path | None = None, stderr: Path | None = Non
     with contextlib.ExitStack() as files:
         out, err = (files.enter_context(open(p, "ab")) if p else subprocess.DEVNULL for p in (stdout, stderr))
         proc = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True, preexec_fn=_die_with_parent
+            args, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True, preexec_fn=die_with_parent
         )
     _started.append(proc)
     return proc
@@ -92,12 +90,12 @@ def await_redis(proc: subprocess.Popen, client: redis.Redis, timeout: float = 15
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BenchError(f"redis-server exited with status {proc.returncode}")
+            raise HarnessError(f"redis-server exited with status {proc.returncode}")
         with contextlib.suppress(redis.RedisError):
             if client.ping():
                 return client
         time.sleep(0.05)
-    raise BenchError(f"redis-server did not answer PING within {timeout:.0f} s")
+    raise HarnessError(f"redis-server did not answer PING within {timeout:.0f} s")
 
 
 def wait_for_keys(client: redis.Redis, n: int) -> int:
@@ -119,8 +117,8 @@ def start_redis(workdir: Path) -> tuple[str, redis.Redis]:
     url = f"redis://127.0.0.1:{port}/0"
     try:
         return url, await_redis(proc, redis.Redis.from_url(url, socket_timeout=5))
-    except BenchError as e:
-        raise BenchError(f"{e}: {log.read_text()[-1500:]}") from None
+    except HarnessError as e:
+        raise HarnessError(f"{e}: {log.read_text()[-1500:]}") from None
 
 
 class Gunicorn:
@@ -147,12 +145,12 @@ class Gunicorn:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise BenchError(f"{self.name}: gunicorn exited:\n{self.stderr.read_text()[-3000:]}")
+                raise HarnessError(f"{self.name}: gunicorn exited:\n{self.stderr.read_text()[-3000:]}")
             with contextlib.suppress(requests.ConnectionError):
                 requests.get(self.url + "/health", timeout=2)
                 return self
             time.sleep(0.1)
-        raise BenchError(f"{self.name}: no answer on {self.url}/health within {timeout:.0f} s")
+        raise HarnessError(f"{self.name}: no answer on {self.url}/health within {timeout:.0f} s")
 
     def workers(self) -> list[int]:
         """PIDs of the master's children (the workers), from /proc."""
@@ -160,7 +158,7 @@ class Gunicorn:
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
                 with contextlib.suppress(OSError):
-                    if int(_stat(int(entry.name))[1]) == self.proc.pid:  # ppid
+                    if int(proc_stat(int(entry.name))[1]) == self.proc.pid:  # ppid
                         pids.append(int(entry.name))
         return sorted(pids)
 
@@ -225,75 +223,6 @@ def tcp_sockets(pid: int, port: int, remote: bool = False) -> set[int]:
     return held
 
 
-def _stat(pid: int) -> list[str]:
+def proc_stat(pid: int) -> list[str]:
     """The fields of /proc/PID/stat after the command name (which may hold spaces): state, ppid, ..."""
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds the processes have used so far, from /proc/PID/stat."""
-    ticks = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):  # a worker may have been recycled
-            fields = _stat(pid)
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def memory(pids: list[int]) -> list[dict]:
-    """RSS and PSS in MiB of each process, from /proc/PID/smaps_rollup."""
-    out = []
-    for pid in pids:
-        fields = {}
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("Rss", "Pss"):
-                fields[key.lower() + "_mib"] = round(int(rest.split()[0]) / 1024, 1)
-        out.append({"pid": pid, **fields})
-    return out
-
-
-def wrk(url: str, c: int, seconds: int, threads: int, script_args: list[str], auth: str, split=None, idle_ok=True):
-    """One bounded wrk run with predict.lua: req/s, p50/p99/mean ms, errors and wrk's own CPU use.
-
-    With split (a callable giving connections per worker), look shortly after the start and, unless
-    idle_ok, give up (returning None) when a worker got no connection: gthread workers accept greedily
-    and keep their keep-alive connections, so such a run would measure one worker while the others idle."""
-    args = ["wrk", "-t", str(min(threads, c)), "-c", str(c), "-d", f"{seconds}s"]
-    # A 1000-row forest batch at 32 connections queues for a while; that is latency, not a timeout.
-    args += ["--timeout", "10s", "-s", str(LUA), "-H", f"Authorization: {auth}", url + "/predict", "--", *script_args]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent
-    )
-    try:
-        conns = None
-        if split:
-            time.sleep(min(0.5, seconds / 4))
-            conns = split()
-            if min(conns, default=0) == 0 and not idle_ok:
-                return None
-        out, err = proc.communicate(timeout=seconds + 60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next((x for x in out.splitlines() if x.startswith("BENCH ")), None)
-    if proc.returncode or line is None:
-        raise BenchError(f"wrk failed (exit {proc.returncode}): {err.strip() or out[-1500:]}")
-    r = json.loads(line[6:])
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    kinds = ("connect", "read", "write", "status", "timeout")
-    return {
-        "req_s": round(r["requests"] / (r["duration_us"] / 1e6), 1),
-        "p50_ms": r["p50_us"] / 1000,
-        "p99_ms": r["p99_us"] / 1000,
-        "mean_ms": round(r["mean_us"] / 1000, 3),
-        "requests": r["requests"],
-        "errors": sum(r[k] for k in kinds),
-        "error_detail": {k: r[k] for k in kinds if r[k]},
-        # Cores the load generator itself used: on a small box it competes with the server.
-        "wrk_cores": round(cpu / (r["duration_us"] / 1e6), 2),
-        "conns_per_worker": conns,
-    }
