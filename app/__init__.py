@@ -37,9 +37,10 @@ def create_app(config: dict | None = None) -> Flask:
         per_user=app.config["CACHE_SCOPE"] == "user",
     )
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
-    from app import health
+    from app import admin, health
     from app.protocols import native
 
     app.register_blueprint(health.bp)
     app.register_blueprint(native.bp)
+    app.register_blueprint(admin.bp)
     return app

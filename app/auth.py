@@ -1,14 +1,17 @@
-"""(1) Who is calling: basic auth or bearer token, checked against SHA-256 digests in constant time."""
+"""(1) Who is calling: basic auth or bearer token, checked against SHA-256 digests in constant time; roles, 401/403."""
 
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 from pathlib import Path
+from typing import NamedTuple
 
-from flask import Flask, current_app, g
+from flask import Flask, current_app, g, request
 from flask_httpauth import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
 
+from app.audit import LoginFailures, audit
 from app.errors import StartupError, error_response
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,16 @@ auth = MultiAuth(basic, bearer)
 DEV_MARKER = "# sibyl development credentials"
 # Compared against when the user is unknown, so unknown user and wrong key take the same time.
 _DUMMY = hashlib.sha256(b"sibyl-no-such-user").digest()
+# Every user may predict; admin adds registry operations and user listing.
+ROLES = ("predict", "admin")
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class User(NamedTuple):
+    """A configured user: the SHA-256 digest of their API key, and their roles."""
+
+    digest: bytes
+    roles: tuple[str, ...]  # a tuple: flask-httpauth reads any other collection as a single role
 
 
 def new_api_key() -> tuple[str, str]:
@@ -41,23 +54,30 @@ def new_api_key() -> tuple[str, str]:
     return key, hashlib.sha256(key.encode()).hexdigest()
 
 
-def parse_users(text: str, source: str) -> dict[str, bytes]:
-    """Read "name:sha256:hex" entries (comma- or line-separated, # comments) into name -> digest."""
+def parse_users(text: str, source: str) -> dict[str, User]:
+    """Read "name:sha256:hex[:role+role]" entries (comma- or line-separated, # comments) into name -> User."""
     users = {}
     for entry in text.replace(",", "\n").splitlines():
         entry = entry.strip()
         if not entry or entry.startswith("#"):
             continue
-        name, _, rest = entry.partition(":")
-        scheme, _, digest = rest.partition(":")
-        if not name or scheme != "sha256" or len(digest) != 64:
+        parts = entry.split(":")
+        name, scheme, digest = [*parts, "", ""][:3]
+        if len(parts) > 4 or not name or scheme != "sha256" or not _HEX64.fullmatch(digest):
             # Never echo the entry: it may be a password pasted in by mistake.
-            raise StartupError(f"{source}: user entries must look like name:sha256:<64 hex digits> (run `make user`)")
-        users[name] = bytes.fromhex(digest)
+            raise StartupError(
+                f"{source}: user entries must look like name:sha256:<64 hex digits>[:admin] (run `make user`)"
+            )
+        named = parts[3].split("+") if len(parts) == 4 else []
+        for role in named:
+            if role not in ROLES:
+                raise StartupError(f"{source}: unknown role {role!r} for user {name}; roles are {', '.join(ROLES)}")
+        roles = tuple(r for r in ROLES if r == "predict" or r in named)  # admin implies predict
+        users[name] = User(bytes.fromhex(digest), roles)
     return users
 
 
-def load_users(app: Flask) -> dict[str, bytes]:
+def load_users(app: Flask) -> dict[str, User]:
     """Users from SIBYL_USERS and SIBYL_USERS_FILE; production refuses none or dev-generated ones."""
     users = parse_users(app.config["SIBYL_USERS"], "SIBYL_USERS")
     production = app.config["SIBYL_ENV"] == "production"
@@ -81,7 +101,7 @@ def verify_password(username: str, password: str) -> str | None:
     """Return the user when the key's digest matches, in time independent of which part was wrong."""
     users = current_app.extensions["sibyl.users"]
     digest = hashlib.sha256(password.encode()).digest()
-    ok = hmac.compare_digest(digest, users.get(username, _DUMMY))
+    ok = hmac.compare_digest(digest, users[username].digest if username in users else _DUMMY)
     return _login(username) if ok and username in users else None
 
 
@@ -90,8 +110,8 @@ def verify_token(token: str) -> str | None:
     """A bearer token is a user's API key: check it against every user without stopping early."""
     digest = hashlib.sha256(token.encode()).digest()
     found = None
-    for name, stored in current_app.extensions["sibyl.users"].items():
-        if hmac.compare_digest(digest, stored):
+    for name, user in current_app.extensions["sibyl.users"].items():
+        if hmac.compare_digest(digest, user.digest):
             found = name
     return _login(found) if found else None
 
@@ -102,10 +122,30 @@ def _login(name: str) -> str:
     return name
 
 
+@basic.get_user_roles
+@bearer.get_user_roles
+def user_roles(name: str) -> tuple[str, ...]:
+    """The roles flask-httpauth checks for `@auth.login_required(role="admin")`."""
+    return current_app.extensions["sibyl.users"][name].roles
+
+
 def auth_error(status: int):
-    """401/403 in the one JSON error shape (flask-httpauth adds its scheme's WWW-Authenticate)."""
+    """401/403 in the one JSON error shape (flask-httpauth adds its scheme's WWW-Authenticate); both are audited."""
+    if status == 403:
+        # Every user has predict, so a 403 always means a route that needs admin.
+        audit(request.endpoint, "refused", reason="needs the admin role")
+        message = "This route needs the admin role (a user entry ending in :admin; see create-user --role admin)."
+        return error_response(403, "forbidden", message)
+    # Only requests that sent credentials count: a browser's first request carries none, and its 401 is what
+    # makes the browser ask for them.
+    if "Authorization" in request.headers:
+        logins = current_app.extensions["sibyl.login_failures"]
+        if logins.refused(request.remote_addr):
+            # No user names: a refused name may be a key typed into the wrong field, or a probe for real names.
+            burst = {"count": logins.threshold, "window_seconds": logins.window}
+            audit("login", "refused", reason="too many refused logins", **burst)
     message = "Send valid credentials: HTTP basic auth (user:key) or Authorization: Bearer <key>."
-    return error_response(status, "unauthorized" if status == 401 else "forbidden", message)
+    return error_response(401, "unauthorized", message)
 
 
 # Registered on each scheme separately so each adds its own WWW-Authenticate (Basic makes browsers prompt).
@@ -114,5 +154,8 @@ bearer.error_handler(auth_error)
 
 
 def init_app(app: Flask) -> None:
-    """Load the users once at startup."""
+    """Load the users once at startup, and count refused logins from here on."""
     app.extensions["sibyl.users"] = load_users(app)
+    app.extensions["sibyl.login_failures"] = LoginFailures(
+        app.config["AUDIT_LOGIN_FAILURES"], app.config["AUDIT_WINDOW_SECONDS"]
+    )

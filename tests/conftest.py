@@ -22,8 +22,12 @@ from app.registry import save_model  # noqa: E402
 from models.train_demo import main as train_demo  # noqa: E402
 from tests.support.servers import Gunicorn, await_redis, free_port, redis_args  # noqa: E402  (shared with make bench)
 
-USER, KEY = "alice", "alice-test-key-0123456789abcdef"
-USERS = f"{USER}:sha256:{hashlib.sha256(KEY.encode()).hexdigest()}"
+USER, KEY = "alice", "alice-test-key-0123456789abcdef"  # predict only
+ADMIN, ADMIN_KEY = "ops", "ops-test-key-0123456789abcdef"
+USERS = (
+    f"{USER}:sha256:{hashlib.sha256(KEY.encode()).hexdigest()},"
+    f"{ADMIN}:sha256:{hashlib.sha256(ADMIN_KEY.encode()).hexdigest()}:admin"
+)
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 
 
