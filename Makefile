@@ -42,8 +42,8 @@ bench: $(VENV)/.dev  ## side-by-side throughput/latency benchmark (needs wrk; in
 	scripts/apt-need.sh wrk redis-server
 	$(PY) -m bench.run $(BENCH_ARGS)
 
-user: $(VENV)/.runtime  ## make user NAME=alice: create a user with a random API key
-	$(PY) -m app.cli create-user $(NAME)
+user: $(VENV)/.runtime  ## make user NAME=alice [ROLE=admin]: create a user with a random API key
+	$(PY) -m app.cli create-user $(NAME) --role $(or $(ROLE),predict)
 
 clean:
 	rm -rf $(VENV) .sibyl models/.compiled .pytest_cache .ruff_cache

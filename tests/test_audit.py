@@ -7,7 +7,7 @@ from conftest import ADMIN, ADMIN_KEY, KEY, USER, basic_auth
 
 from app import audit as audit_module
 from app.audit import LoginFailures
-from bench.servers import json_lines
+from tests.support.servers import json_lines
 
 BAD = basic_auth(USER, "wrong-key-zz")
 
