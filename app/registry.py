@@ -418,8 +418,9 @@ def scan_dir(root: Path, cache_default: str = "on") -> dict[str, dict]:
         )
     plans = {}
     for folder in sorted(root.iterdir()):
-        # Dot names are ours (.compiled) or hidden; loose files (train_demo.py) are not models.
-        if folder.name.startswith(".") or not folder.is_dir():
+        # Dot names are ours (.compiled) or hidden; loose files (train_demo.py) and the bytecode Python keeps beside
+        # them are not models.
+        if folder.name.startswith(".") or folder.name == "__pycache__" or not folder.is_dir():
             continue
         if not NAME.fullmatch(folder.name):
             log.warning("skipping model folder %s: a name must match %s", folder, NAME.pattern)
