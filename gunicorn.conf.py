@@ -98,10 +98,11 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    """Open per-process resources (the onnxruntime session) in each worker before its first request."""
-    model = getattr(worker.wsgi, "extensions", {}).get("sibyl.model")
-    if model is not None:  # other WSGI apps (the benchmark's ceilings) share this file
-        model.backend.warm()
+    """Open per-process resources (each model's onnxruntime session) in each worker before its first request."""
+    registry = getattr(worker.wsgi, "extensions", {}).get("sibyl.registry")
+    if registry is not None:  # other WSGI apps (the benchmark's ceilings) share this file
+        for model in registry.loaded():
+            model.backend.warm()
 
 
 def worker_exit(server, worker):

@@ -3,16 +3,17 @@
 from flask import Flask
 
 from app import auth, errors, request_log
-from app.backends import choose_backend
 from app.cache import PredictionCache
 from app.errors import StartupError
-from app.registry import load_model
+from app.registry import load_registry
 from config import Config, check
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """Build the app: load and verify the model once, then register every step of the request path."""
+    """Build the app: load and verify every model once, then register every step of the request path."""
     app = Flask(__name__)
+    # A doubled slash is a 404, not a redirect to another path (Werkzeug's default would merge them).
+    app.url_map.merge_slashes = False
     app.config.from_object(Config)
     app.config.update(config or {})
     try:
@@ -22,9 +23,7 @@ def create_app(config: dict | None = None) -> Flask:
     request_log.init_app(app)
     errors.init_app(app)
     auth.init_app(app)
-    model = load_model(app.config["MODEL_PATH"], app.config["MODEL_SHA256"])
-    model.backend = choose_backend(model, app.config["INFERENCE_BACKEND"], app.config["COMPILE_TIMEOUT_SECONDS"])
-    app.extensions["sibyl.model"] = model
+    app.extensions["sibyl.registry"] = load_registry(app.config)
     app.extensions["sibyl.cache"] = PredictionCache(
         app.config["REDIS_URL"] if app.config["CACHE_ENABLED"] else "",
         ttl=app.config["CACHE_TTL"],

@@ -54,13 +54,30 @@ def register(artifact: str, name: str | None, version: str, features: str | None
 
 
 @click.command("curl")
-@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.argument("artifact", required=False, type=click.Path(dir_okay=False))
+@click.option("--model-dir", type=click.Path(file_okay=False), help="A MODEL_DIR, instead of one artifact.")
+@click.option("--name", help="With --model-dir: the model (default: the only one, else the first by name).")
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Where Sibyl listens.")
 @click.option("--user", "credentials", default="USER:KEY", show_default=True, help="user:key for basic auth.")
-def curl(artifact: str, url: str, credentials: str) -> None:
-    """Print a curl command that predicts a sample row of this model, built from its metadata (nothing unpickled)."""
-    from app.registry import metadata_path
+def curl(artifact: str | None, model_dir: str | None, name: str | None, url: str, credentials: str) -> None:
+    """Print a curl command that predicts a sample row of a model, built from its metadata (nothing unpickled)."""
+    from app.errors import StartupError
+    from app.registry import ARTIFACT, metadata_path, scan_dir
 
+    if (artifact is None) == (model_dir is None):
+        raise click.UsageError("give an ARTIFACT or --model-dir, not both")
+    route = "/predict"
+    if model_dir:
+        try:
+            plans = scan_dir(Path(model_dir))
+        except StartupError as e:
+            raise click.ClickException(str(e)) from None
+        if name is not None and name not in plans:
+            raise click.ClickException(f"no model {name!r} in {model_dir} ({', '.join(sorted(plans))})")
+        name = name or min(plans)
+        # /predict serves the default model; with several, the model's own route is right whatever DEFAULT_MODEL is.
+        route = "/predict" if len(plans) == 1 else f"/models/{name}/predict"
+        artifact = plans[name]["versions"][plans[name]["default"]] / ARTIFACT
     meta_file = metadata_path(Path(artifact))
     try:
         meta = json.loads(meta_file.read_text())
@@ -74,7 +91,7 @@ def curl(artifact: str, url: str, credentials: str) -> None:
     body = json.dumps({"instances": [instance]})
     click.echo(
         f"  curl -u {shlex.quote(credentials)} -X POST -H 'Content-Type: application/json' \\\n"
-        f"    -d {shlex.quote(body)} {url}/predict"
+        f"    -d {shlex.quote(body)} {url}{route}"
     )
 
 

@@ -3,7 +3,7 @@
 import logging
 
 import orjson
-from flask import Flask, Response, g
+from flask import Blueprint, Flask, Response, g
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException
 
@@ -53,29 +53,41 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
     return Response(body, status=status, headers=headers, mimetype="application/json")
 
 
+def render_api_error(e: ApiError) -> Response:
+    """An ApiError in the one shape."""
+    return error_response(e.status, e.code, e.message)
+
+
+def render_http_error(e: HTTPException) -> Response:
+    """A Werkzeug HTTP error (404, 405, 413, ...) in the one shape, with a message written for API callers."""
+    status = e.code or 500
+    message = _MESSAGES.get(status) or e.description or "Request failed."
+    headers = {"Allow": ", ".join(e.valid_methods)} if getattr(e, "valid_methods", None) else None
+    return error_response(status, _CODES.get(status, "http_error"), message, headers)
+
+
+def render_unreadable_body(e: ParseException) -> Response:
+    """A chunked body gunicorn could not parse: the client's fault (400), not a crash to log with a trace."""
+    # gunicorn parses a chunked body only as the app reads it, so its framing errors surface in the view.
+    message = "The request body could not be read: its chunked framing is invalid or it ended early."
+    return error_response(400, "bad_request", message)
+
+
+def render_crash(e: Exception) -> Response:
+    """A bug: a generic 500 for the caller; the trace stays in the server log, tied to the request id."""
+    log.exception("unhandled error (request_id=%s)", g.get("request_id"))
+    return error_response(500, "internal_error", "Internal server error; quote the request_id when reporting it.")
+
+
+def register_handlers(target: Flask | Blueprint) -> None:
+    """Render every failure of an app or a blueprint in this one shape (a protocol with its own shape registers
+    its own renderers on its own blueprint instead)."""
+    target.register_error_handler(ApiError, render_api_error)
+    target.register_error_handler(HTTPException, render_http_error)
+    target.register_error_handler(ParseException, render_unreadable_body)
+    target.register_error_handler(Exception, render_crash)
+
+
 def init_app(app: Flask) -> None:
-    """Route every exception, routing errors included, through error_response()."""
-
-    @app.errorhandler(ApiError)
-    def _api_error(e: ApiError) -> Response:
-        return error_response(e.status, e.code, e.message)
-
-    @app.errorhandler(HTTPException)
-    def _http_error(e: HTTPException) -> Response:
-        status = e.code or 500
-        message = _MESSAGES.get(status) or e.description or "Request failed."
-        headers = {"Allow": ", ".join(e.valid_methods)} if getattr(e, "valid_methods", None) else None
-        return error_response(status, _CODES.get(status, "http_error"), message, headers)
-
-    @app.errorhandler(ParseException)
-    def _unreadable_body(e: ParseException) -> Response:
-        # gunicorn parses a chunked body only as the app reads it, so its framing errors surface here: the
-        # client's fault (400), not a crash to log with a trace.
-        message = "The request body could not be read: its chunked framing is invalid or it ended early."
-        return error_response(400, "bad_request", message)
-
-    @app.errorhandler(Exception)
-    def _unexpected(e: Exception) -> Response:
-        # The trace stays in the server log, tied to the request id; the caller gets a generic line.
-        log.exception("unhandled error (request_id=%s)", g.get("request_id"))
-        return error_response(500, "internal_error", "Internal server error; quote the request_id when reporting it.")
+    """The app-wide fallback, for what happens outside any blueprint: unknown URLs (404), wrong methods (405)."""
+    register_handlers(app)

@@ -21,17 +21,17 @@ def health() -> Response:
 
 @bp.get("/ready")
 def ready() -> Response:
-    """Readiness: this worker's backend answers a sample row. A Redis outage is "degraded", still 200: predictions
-    still work."""
-    model = current_app.extensions["sibyl.model"]
-    # One row through the backend (tens of microseconds): a worker whose runtime broke after fork is not ready.
-    shipped = model.metadata.get("sample_rows")
-    row = np.asarray(shipped[:1] if shipped else [[0.0] * model.n_features], dtype=np.float64)
-    try:
-        model.backend.predict(row, False)
-    except Exception:
-        log.exception("not ready: the model failed to answer a sample row")
-        return error_response(503, "unavailable", "The model did not answer a sample row; the server log says why.")
+    """Readiness: every model this worker loaded answers a sample row. A Redis outage is "degraded", still 200:
+    predictions still work."""
+    # Every loaded model, not just the default: each has its own backend (its own onnxruntime session, opened after
+    # fork), and requests can name any of them, so a worker where one is broken should not get traffic. A row costs
+    # tens of microseconds per model.
+    for model in current_app.extensions["sibyl.registry"].loaded():
+        try:
+            model.backend.predict(np.asarray([model.sample_row], dtype=np.float64), False)
+        except Exception:
+            log.exception("not ready: model %s version %s failed to answer a sample row", model.name, model.version)
+            return error_response(503, "unavailable", "A model did not answer a sample row; the server log says why.")
     cache = current_app.extensions["sibyl.cache"]
     state = cache.check()
     degraded = state in {"down", "read-only"}

@@ -1,35 +1,44 @@
-"""(4) The one path every protocol calls: cache lookup -> predict the misses -> cache store."""
+"""(4) The one path every protocol calls: cache lookup -> predict the misses -> cache store. No Flask in here."""
 
 from dataclasses import dataclass
 from time import perf_counter
 
 import numpy as np
-from flask import current_app, g
 
+from app.cache import PredictionCache
 from app.registry import Model
 
 
 @dataclass
 class Prediction:
-    """What a protocol turns into its own response: per-row answers plus the cache outcome."""
+    """What happened, for the caller to render and log: per-row answers, the cache outcome, timings, the model."""
 
     predictions: list
     probabilities: list[dict] | None
     cache: str  # HIT, MISS, PARTIAL, BYPASS or OFF
     hits: int
+    timings: dict[str, float]  # seconds spent in each step: cache_get, predict, cache_set
+    model: Model  # the version that answered (under a traffic split, the one drawn)
 
 
 def predict(
-    model: Model, X: np.ndarray, proba: bool, bypass_cache: bool = False, store: bool = True, user: str | None = None
+    model: Model,
+    X: np.ndarray,
+    proba: bool,
+    cache: PredictionCache,
+    *,
+    lookup: bool = True,
+    store: bool = True,
+    user: str | None = None,
 ) -> Prediction:
     """Answer every row of X in order, asking the model only for rows the cache doesn't hold.
 
-    bypass_cache (Cache-Control: no-cache) skips the lookup; store=False (no-store) keeps nothing, in Redis or in
+    lookup=False (Cache-Control: no-cache) predicts every row; store=False (no-store) keeps nothing, in Redis or in
     this worker; user, the caller, scopes the keys when CACHE_SCOPE=user.
     """
-    cache = current_app.extensions["sibyl.cache"]
     t0 = perf_counter()
-    if not cache.enabled:
+    # The model's cache policy is read here and nowhere else: off means no cache at all; auto is served as on.
+    if not cache.enabled or model.cache_policy == "off":
         keys, stored, redis_ok = None, None, False
     else:
         # Answers depend on the artifact, the backend that computed them (its precision and library versions)
@@ -37,7 +46,7 @@ def predict(
         keys = cache.keys(f"{model.sha256[:16]}:{model.backend.scope}:{'p' if proba else 'l'}", X, user)
         valid = _valid_proba if proba else _valid_label
         # A bypass predicts every row, as a cache that holds nothing would (its outcome is BYPASS regardless).
-        stored, redis_ok = (None, False) if bypass_cache else cache.lookup(keys, valid, remember=store)
+        stored, redis_ok = cache.lookup(keys, valid, remember=store) if lookup else (None, False)
     t1 = perf_counter()
 
     if stored is None:
@@ -54,21 +63,21 @@ def predict(
         cache.store([(keys[i], rows[i]) for i in missing])
     t3 = perf_counter()
 
-    if bypass_cache and keys:
+    if not lookup and keys:
         outcome = "BYPASS"
     elif keys and not missing:
         outcome = "HIT"
     elif not hits and not redis_ok:
-        outcome = "OFF"  # not configured, or Redis is unavailable and this worker held none of the rows
+        outcome = "OFF"  # not configured, off for this model, or Redis is unavailable and this worker held none
     else:
         outcome = "PARTIAL" if hits else "MISS"
-    g.log.update(rows=len(X), cache=outcome, cache_hits=hits, model=model.name, version=model.version)
-    g.timings = {"cache_get": t1 - t0, "predict": t2 - t1, "cache_set": t3 - t2}
+    timings = {"cache_get": t1 - t0, "predict": t2 - t1, "cache_set": t3 - t2}
 
     if not proba:
-        return Prediction(rows, None, outcome, hits)
+        return Prediction(rows, None, outcome, hits, timings, model)
     classes = model.class_keys
-    return Prediction([r[0] for r in rows], [dict(zip(classes, r[1])) for r in rows], outcome, hits)
+    probabilities = [dict(zip(classes, r[1])) for r in rows]
+    return Prediction([r[0] for r in rows], probabilities, outcome, hits, timings, model)
 
 
 def _compute(model: Model, X: np.ndarray, proba: bool) -> list:

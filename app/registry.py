@@ -1,10 +1,14 @@
-"""(6) Models on disk: metadata beside each artifact, sha256 verified before the pickle is opened."""
+"""(6) Models on disk: MODEL_DIR's <name>/<version>/ folders (or one MODEL_PATH), each artifact verified and loaded."""
 
 import copy
 import hashlib
 import json
 import logging
 import os
+import random
+import re
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -15,7 +19,7 @@ import joblib
 import numpy as np
 import sklearn
 
-from app.errors import StartupError
+from app.errors import ApiError, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,11 @@ class Model:
     task: str
     metadata: dict = field(default_factory=dict)
     backend: Any = None
+    aliases: list[str] = field(default_factory=list)
+    # Seconds to verify, unpickle and choose the backend (compiling included): what a restart costs for this model.
+    load_seconds: float = 0.0
+    # on | off | auto, from the manifest or CACHE_POLICY; pipeline.predict is the one place that reads it.
+    cache_policy: str = "on"
 
     @cached_property
     def has_proba(self) -> bool:
@@ -50,13 +59,26 @@ class Model:
         """Class labels as JSON object keys, for the {class: probability} maps."""
         return [str(c) for c in self.classes or ()]
 
+    @cached_property
+    def sample_row(self) -> list[float]:
+        """The row /ready sends through the backend: the metadata's first sample row, or zeros."""
+        shipped = self.metadata.get("sample_rows")
+        return list(shipped[0]) if shipped else [0.0] * self.n_features
+
     def describe(self) -> dict:
-        """The public description shown by GET /models (no paths, nothing secret)."""
-        keys = ("name", "version", "sha256", "sklearn_version", "feature_names", "classes", "task", "created_at")
-        info = {k: self.metadata.get(k) for k in keys}
-        info["n_features"] = self.n_features
-        info["backend"] = self.backend.name if self.backend else None
-        return info
+        """The public description shown by GET /models (no filesystem paths: those are for admins)."""
+        keys = ("sha256", "sklearn_version", "feature_names", "classes", "task", "created_at")
+        return {
+            "name": self.name,
+            "version": self.version,
+            "aliases": self.aliases,
+            **{k: self.metadata.get(k) for k in keys},
+            "n_features": self.n_features,
+            "backend": self.backend.name if self.backend else None,
+            "cache_policy": self.cache_policy,
+            "load_seconds": round(self.load_seconds, 3),
+            "sample_row": self.sample_row,
+        }
 
 
 def file_sha256(path: Path) -> str:
@@ -136,7 +158,9 @@ def refuse_world_writable(path: Path, what: str = "model file") -> None:
 
 
 def open_artifact(path: Path) -> Any:
-    """Unpickle an artifact (never a world-writable one); raise ModelError naming the file if it can't be read."""
+    """Open an artifact (never a world-writable one); raise ModelError naming the file if it can't be read.
+
+    The one place an artifact's bytes become an estimator, so another format (skops) is added here alone."""
     refuse_world_writable(path)
     try:
         return joblib.load(path)
@@ -202,7 +226,9 @@ def load_model(path: str | Path, expected_sha256: str = "") -> Model:
     path = Path(path)
     meta_file = metadata_path(path)
     if not path.is_file():
-        raise ModelError(f"model file {path} does not exist (set MODEL_PATH, or run `make model` for the demo)")
+        raise ModelError(
+            f"model file {path} does not exist (set MODEL_DIR or MODEL_PATH; `make model` builds the demo)"
+        )
     if not meta_file.is_file():
         raise ModelError(f"model file {path} has no metadata file {meta_file.name} beside it (name, version, sha256)")
     try:
@@ -247,3 +273,223 @@ def _estimator_feature_names(estimator: Any) -> list[str] | None:
     """Feature names an estimator remembers from a DataFrame fit, if any."""
     names = getattr(estimator, "feature_names_in_", None)
     return [str(n) for n in names] if names is not None else None
+
+
+# Name, version and alias names: one plain URL path segment, never "." or "..", so a name from a URL can only be
+# looked up, and a folder name can always be shown and routed.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ARTIFACT = "model.joblib"
+MANIFEST = "manifest.json"
+_MANIFEST_KEYS = ("default", "aliases", "traffic", "cache")
+CACHE_POLICIES = ("on", "off", "auto")
+
+
+def version_key(version: str) -> list[tuple[int, int | str]]:
+    """Sort key that orders runs of digits as numbers: 10 after 9, 1.10 after 1.9."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", version) if part]
+
+
+@dataclass
+class Entry:
+    """One model name: its loaded versions, the version its default route answers, aliases and a canary split."""
+
+    name: str
+    versions: dict[str, Model]
+    default: str
+    aliases: dict[str, str] = field(default_factory=dict)
+    traffic: dict[str, int] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # version -> why it could not be loaded
+
+    def describe(self) -> dict:
+        """The public description shown by GET /models/<name>."""
+        return {
+            "name": self.name,
+            "default_version": self.default,
+            "aliases": self.aliases,
+            "traffic": self.traffic,
+            "versions": [self.versions[v].describe() for v in sorted(self.versions, key=version_key)],
+            "unavailable": [{"version": v, "reason": why} for v, why in sorted(self.unavailable.items())],
+        }
+
+
+@dataclass
+class Registry:
+    """Every model served, by name, all loaded at startup; resolve() picks the Model that answers a request."""
+
+    entries: dict[str, Entry]
+    default_model: str | None  # what POST /predict serves; None when several models and no DEFAULT_MODEL
+
+    def entry(self, name: str) -> Entry:
+        """A model by name, or a 404 listing the models served (the caller's name is never echoed)."""
+        entry = self.entries.get(name)
+        if entry is None:
+            served = ", ".join(sorted(self.entries))
+            raise ApiError(404, "model_not_found", f"No model of that name; this server serves: {served}.")
+        return entry
+
+    def resolve(self, name: str, version: str | None = None) -> Model:
+        """The Model for a name and a version or alias; with neither, the default version or a traffic-split pick."""
+        entry = self.entry(name)
+        if version is None and entry.traffic:
+            # A canary: each request to the default route draws a version by the manifest's weights (not a secret).
+            version = random.choices(list(entry.traffic), list(entry.traffic.values()))[0]  # noqa: S311
+        elif version is None:
+            version = entry.default
+        else:
+            version = entry.aliases.get(version, version)
+        if version in entry.versions:
+            return entry.versions[version]
+        if version in entry.unavailable:
+            raise ApiError(
+                503, "model_unavailable", f"Model {name} version {version} could not be loaded; GET /models says why."
+            )
+        versions = ", ".join(sorted([*entry.versions, *entry.unavailable], key=version_key))
+        aliases = f"; aliases: {', '.join(sorted(entry.aliases))}" if entry.aliases else ""
+        raise ApiError(404, "version_not_found", f"Model {name} has no such version; versions: {versions}{aliases}.")
+
+    def loaded(self) -> list[Model]:
+        """Every loaded Model, each version once (to warm backends after fork and to check readiness)."""
+        return [model for entry in self.entries.values() for model in entry.versions.values()]
+
+    def describe(self) -> list[dict]:
+        """Every model's public description, for GET /models."""
+        return [self.entries[name].describe() for name in sorted(self.entries)]
+
+
+def load_registry(config: Mapping) -> Registry:
+    """Load every model at startup: MODEL_PATH as a one-model registry when set, else MODEL_DIR's folders.
+
+    Reads MODEL_PATH, MODEL_SHA256, MODEL_DIR, DEFAULT_MODEL, SKIP_BAD_MODELS, CACHE_POLICY, INFERENCE_BACKEND and
+    COMPILE_TIMEOUT_SECONDS; raises StartupError (ModelError for an artifact) with one line on any problem."""
+    # Imported here: backends builds on this module's Model.
+    from app.backends import choose_backend
+
+    def load(path: Path, folder: tuple[str, str] | None, cache_policy: str, sha256: str = "") -> Model:
+        start = time.perf_counter()
+        model = load_model(path, sha256)
+        if folder and (model.name, model.version) != folder:
+            raise ModelError(
+                f"model file {path} is {model.name} version {model.version} by its metadata, but sits in folder "
+                f"{folder[0]}/{folder[1]}; names must agree"
+            )
+        model.backend = choose_backend(model, config["INFERENCE_BACKEND"], config["COMPILE_TIMEOUT_SECONDS"])
+        model.cache_policy = cache_policy
+        model.load_seconds = time.perf_counter() - start
+        return model
+
+    wanted = config["DEFAULT_MODEL"]
+    if config["MODEL_PATH"]:
+        model = load(Path(config["MODEL_PATH"]), None, config["CACHE_POLICY"], config["MODEL_SHA256"])
+        if wanted and wanted != model.name:
+            raise StartupError(f"DEFAULT_MODEL={wanted!r} is not the model MODEL_PATH serves ({model.name})")
+        return Registry({model.name: Entry(model.name, {model.version: model}, model.version)}, model.name)
+    if config["MODEL_SHA256"]:
+        # A pin that silently pinned nothing would be worse than none.
+        raise StartupError("MODEL_SHA256 pins the one artifact MODEL_PATH names; unset it to serve MODEL_DIR")
+    root = Path(config["MODEL_DIR"])
+    plans = scan_dir(root, config["CACHE_POLICY"])
+    if wanted and wanted not in plans:
+        raise StartupError(f"DEFAULT_MODEL={wanted!r} names no model in MODEL_DIR {root} ({', '.join(sorted(plans))})")
+    default_model = wanted or (next(iter(plans)) if len(plans) == 1 else None)
+    entries = {}
+    for name, plan in plans.items():
+        entry = entries[name] = Entry(name, {}, plan["default"], plan["aliases"], plan["traffic"])
+        for version, folder in plan["versions"].items():
+            try:
+                _refuse_outside(root, folder, folder / ARTIFACT, metadata_path(folder / ARTIFACT))
+                model = entry.versions[version] = load(folder / ARTIFACT, (name, version), plan["cache"])
+            except ModelError as e:
+                if not config["SKIP_BAD_MODELS"] or (name, version) == (default_model, plan["default"]):
+                    raise
+                log.error("model %s version %s is unavailable (SKIP_BAD_MODELS is set): %s", name, version, e)
+                # Shown by GET /models: the folder as name/version, never where MODEL_DIR is on this server.
+                entry.unavailable[version] = str(e).replace(str(folder), f"{name}/{version}")
+                continue
+            model.aliases = sorted(alias for alias, target in plan["aliases"].items() if target == version)
+    return Registry(entries, default_model)
+
+
+def scan_dir(root: Path, cache_default: str = "on") -> dict[str, dict]:
+    """MODEL_DIR's models without opening an artifact: name -> {versions: {version: folder}, default, aliases,
+    traffic, cache}, each manifest checked; StartupError with one line on a missing folder or a bad manifest."""
+    if not root.is_dir():
+        raise StartupError(
+            f"model folder {root} does not exist (set MODEL_DIR or MODEL_PATH; `make model` builds the demo)"
+        )
+    plans = {}
+    for folder in sorted(root.iterdir()):
+        # Dot names are ours (.compiled) or hidden; loose files (train_demo.py) and the bytecode Python keeps beside
+        # them are not models.
+        if folder.name.startswith(".") or folder.name == "__pycache__" or not folder.is_dir():
+            continue
+        if not NAME.fullmatch(folder.name):
+            log.warning("skipping model folder %s: a name must match %s", folder, NAME.pattern)
+            continue
+        versions = {}
+        for sub in sorted(folder.iterdir(), key=lambda p: version_key(p.name)):
+            if sub.name.startswith(".") or not sub.is_dir():
+                continue
+            if not NAME.fullmatch(sub.name):
+                log.warning("skipping version folder %s: a version must match %s", sub, NAME.pattern)
+                continue
+            versions[sub.name] = sub
+        if not versions:
+            raise StartupError(f"model folder {folder} has no version folders (<name>/<version>/{ARTIFACT})")
+        manifest = folder / MANIFEST
+        _refuse_outside(root, manifest)
+        plans[folder.name] = read_manifest(manifest, list(versions), cache_default) | {"versions": versions}
+    if not plans:
+        raise StartupError(
+            f"model folder {root} holds no models (<name>/<version>/{ARTIFACT} with its metadata; `make model` "
+            "builds the demo)"
+        )
+    return plans
+
+
+def read_manifest(path: Path, versions: list[str], cache_default: str) -> dict:
+    """A model's manifest (absent: the defaults) checked against its version folders: {default, aliases, traffic,
+    cache}; StartupError naming the file and the key."""
+    manifest = {}
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise StartupError(f"manifest {path} is unreadable: {e}") from None
+        if type(manifest) is not dict:
+            raise StartupError(f"manifest {path} must be a JSON object with keys {', '.join(_MANIFEST_KEYS)}")
+
+    def bad(key: str, why: str) -> StartupError:
+        return StartupError(f"manifest {path}: {key!r} {why} (versions: {', '.join(versions)})")
+
+    if unknown := sorted(set(manifest) - set(_MANIFEST_KEYS)):
+        raise bad(unknown[0], f"is not a manifest key; the keys are {', '.join(_MANIFEST_KEYS)}")
+    default = manifest.get("default", max(versions, key=version_key))
+    if default not in versions:
+        raise bad("default", "must name a version folder")
+    aliases = manifest.get("aliases", {})
+    if type(aliases) is not dict:
+        raise bad("aliases", 'must be an object of alias -> version, e.g. {"production": "2"}')
+    for alias, target in aliases.items():
+        if not NAME.fullmatch(alias) or alias in versions:
+            raise bad("aliases", f"has alias {alias[:64]!r}, which is not a valid name or is also a version's name")
+        if target not in versions:
+            raise bad("aliases", f"maps {alias!r} to something that is not a version folder")
+    traffic = manifest.get("traffic", {})
+    if type(traffic) is not dict or any(type(w) is not int or w < 0 for w in traffic.values()):
+        raise bad("traffic", 'must be an object of version -> whole-number weight >= 0, e.g. {"2": 90, "3": 10}')
+    if any(v not in versions for v in traffic):
+        raise bad("traffic", "must name only version folders")
+    if traffic and not sum(traffic.values()):
+        raise bad("traffic", "weights must sum to more than 0")
+    cache = manifest.get("cache", cache_default)
+    if cache not in CACHE_POLICIES:
+        raise bad("cache", f"must be one of {', '.join(CACHE_POLICIES)}")
+    return {"default": default, "aliases": aliases, "traffic": traffic, "cache": cache}
+
+
+def _refuse_outside(root: Path, *paths: Path) -> None:
+    """ModelError if any path that exists resolves outside root (a symlink out of MODEL_DIR)."""
+    top = root.resolve()
+    for path in paths:
+        if path.exists() and not path.resolve().is_relative_to(top):
+            raise ModelError(f"{path} is a link that leads outside MODEL_DIR {root}; refusing to load it")

@@ -16,7 +16,7 @@ from app.registry import save_model
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
 
 
-def main(path: str = "models/iris.joblib") -> None:
+def main(path: str = "models/iris/1/model.joblib") -> None:
     """Fit a scaled logistic regression on iris with string labels and save it."""
     iris = load_iris()
     labels = np.asarray(iris.target_names)[iris.target]

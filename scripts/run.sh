@@ -4,7 +4,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 STATE="${SIBYL_STATE_DIR:-.sibyl}"
-MODEL="${MODEL_PATH:-models/iris.joblib}"
+# What to serve: MODEL_PATH (one artifact) when set, else the registry in MODEL_DIR (default models/, the demo).
+if [[ -n "${MODEL_PATH:-}" ]]; then
+  MODEL="$MODEL_PATH"
+  CURL_ARGS=("$MODEL_PATH")
+else
+  export MODEL_DIR="${MODEL_DIR:-models}"
+  MODEL="$MODEL_DIR"
+  CURL_ARGS=(--model-dir "$MODEL_DIR" ${DEFAULT_MODEL:+--name "$DEFAULT_MODEL"})
+fi
 BIND="${BIND:-127.0.0.1:8000}"
 mkdir -p "$STATE"
 chmod 700 "$STATE"
@@ -47,7 +55,7 @@ if [[ -z "${REDIS_URL:-}" ]]; then
   echo "sibyl: private Redis at $REDIS_URL (log: $STATE/redis.log)"
 fi
 
-export BIND MODEL_PATH="$MODEL"
+export BIND
 echo "sibyl: loading $MODEL ..."
 $PY serve.py &
 GUNICORN=$!
@@ -65,7 +73,7 @@ until $PY -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], ti
 done
 echo "sibyl: serving $MODEL on http://$BIND   (Ctrl-C stops it)"
 echo "sibyl: try it:"
-$PY -m app.cli curl "$MODEL" --url "http://$BIND" --user "$CRED"
+$PY -m app.cli curl "${CURL_ARGS[@]}" --url "http://$BIND" --user "$CRED"
 status=0
 wait "$GUNICORN" || status=$?
 exit "$status"

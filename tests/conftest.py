@@ -4,6 +4,7 @@ import base64
 import hashlib
 import http.client
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,6 +117,39 @@ def make_model(tmp_path_factory):
         return path
 
     return make
+
+
+@pytest.fixture
+def make_model_dir(tmp_path_factory, iris_path, make_model):
+    """Factory: make_model_dir({"iris": ["1", "2"], "tiny": ["9", "10"]}, manifests={"iris": {...}}) builds a MODEL_DIR
+    of <name>/<version>/ folders holding copies of the demo model (iris) or of a 2-feature logistic regression (any
+    other name), each with its metadata's name and version set to its folders'; returns the folder."""
+    from sklearn.linear_model import LogisticRegression
+
+    tiny = make_model(LogisticRegression(), name="tiny")
+
+    def make(layout: dict[str, list[str]], manifests: dict[str, dict] | None = None) -> Path:
+        root = tmp_path_factory.mktemp("registry")
+        for name, versions in layout.items():
+            source = iris_path if name == "iris" else tiny
+            for version in versions:
+                folder = root / name / version
+                folder.mkdir(parents=True)
+                shutil.copy(source, folder / "model.joblib")
+                meta = {**json.loads(source.with_suffix(".json").read_text()), "name": name, "version": version}
+                (folder / "model.json").write_text(json.dumps(meta))
+        for name, manifest in (manifests or {}).items():
+            (root / name / "manifest.json").write_text(json.dumps(manifest))
+        return root
+
+    return make
+
+
+def served_model(app):
+    """The Model POST /predict answers with: the default model's default version."""
+    registry = app.extensions["sibyl.registry"]
+    entry = registry.entries[registry.default_model]
+    return entry.versions[entry.default]
 
 
 @pytest.fixture

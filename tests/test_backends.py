@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import redis
-from conftest import basic_auth, fitted_on_names
+from conftest import basic_auth, fitted_on_names, served_model
 from sklearn.ensemble import (
     GradientBoostingClassifier,
     HistGradientBoostingClassifier,
@@ -41,7 +41,7 @@ def predict_both(make_app, path, body):
     """The same request answered by the ONNX app and the scikit-learn app."""
     onnx = make_app(MODEL_PATH=str(path), INFERENCE_BACKEND="onnx")
     sk = make_app(MODEL_PATH=str(path), INFERENCE_BACKEND="sklearn")
-    assert onnx.extensions["sibyl.model"].backend.name == "onnx"
+    assert served_model(onnx).backend.name == "onnx"
     answers = [a.test_client().post("/predict", json=body, headers=basic_auth()).json for a in (onnx, sk)]
     return answers
 
@@ -71,7 +71,7 @@ def test_regressor_answers_are_scikit_learns_to_1e9(make_app, tmp_path, estimato
     path = tmp_path / "reg.joblib"
     save_model(model, path, name="reg", version="1", sample_rows=X[:20])
     app = make_app(MODEL_PATH=str(path))
-    backend = app.extensions["sibyl.model"].backend
+    backend = served_model(app).backend
     assert backend.name == "sklearn" or backend.dtype is np.float64
     fresh = np.array(rows(2))
     body = {"instances": [{"a": a, "b": b} for a, b in fresh.tolist()]}
@@ -96,7 +96,7 @@ def test_linear_regressor_compiles_to_float64_and_forest_regressor_is_refused(ma
 def test_demo_model_is_compiled_and_agrees(make_app, iris_path):
     """The demo model serves from ONNX under the default (auto) and agrees with scikit-learn."""
     app = make_app()
-    assert app.extensions["sibyl.model"].backend.name == "onnx"
+    assert served_model(app).backend.name == "onnx"
     onnx, sk = predict_both(make_app, iris_path, {"features": rows(4), "probabilities": True})
     assert onnx["predictions"] == sk["predictions"]
 
@@ -116,7 +116,7 @@ def test_auto_falls_back_and_onnx_refuses(make_app, make_model, capsys, estimato
     path = make_model(estimator, name=type(estimator).__name__)
     capsys.readouterr()
     app = make_app(MODEL_PATH=str(path))
-    assert app.extensions["sibyl.model"].backend.name == "sklearn"
+    assert served_model(app).backend.name == "sklearn"
     assert capsys.readouterr().out.count("ONNX not used") == 1
     r = app.test_client().post("/predict", json={"features": [[1.0, 2.0]]}, headers=basic_auth())
     assert r.status_code == 200
@@ -134,7 +134,7 @@ def test_disagreeing_conversion_is_not_used(make_app, make_model, monkeypatch):
         return 1 - labels, p
 
     monkeypatch.setattr(backends.OnnxBackend, "predict", off_by_one)
-    assert make_app(MODEL_PATH=str(path)).extensions["sibyl.model"].backend.name == "sklearn"
+    assert served_model(make_app(MODEL_PATH=str(path))).backend.name == "sklearn"
 
 
 def test_compiled_model_is_reused(make_app, make_model, monkeypatch):
@@ -147,7 +147,7 @@ def test_compiled_model_is_reused(make_app, make_model, monkeypatch):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(backends, "_convert", no_conversion)
-    assert make_app(MODEL_PATH=str(path)).extensions["sibyl.model"].backend.name == "onnx"
+    assert served_model(make_app(MODEL_PATH=str(path))).backend.name == "onnx"
 
 
 def test_cache_scope_names_precision_and_library_versions(iris_path, monkeypatch):
@@ -169,7 +169,7 @@ def test_cache_keys_carry_the_backend_scope(make_app, redis_url):
     r = app.test_client().post("/predict", json={"features": [[5.1, 3.5, 1.4, 0.2]]}, headers=basic_auth())
     assert r.status_code == 200
     app.extensions["sibyl.cache"].settle()
-    scope = app.extensions["sibyl.model"].backend.scope
+    scope = served_model(app).backend.scope
     keys = redis.Redis.from_url(redis_url).keys("*")
     assert keys and all(f":{scope}:".encode() in k for k in keys)
 
@@ -206,12 +206,12 @@ def test_untrusted_compiled_graph_is_rebuilt_under_auto(make_app, make_model, ca
     spoiled = graph.read_bytes()
     capsys.readouterr()
     app = make_app(MODEL_PATH=str(path))
-    assert app.extensions["sibyl.model"].backend.name == "onnx"
+    assert served_model(app).backend.name == "onnx"
     assert capsys.readouterr().out.count("converting again") == 1
     assert json.loads(record.read_text())["graph_sha256"] == file_sha256(graph)
     assert how != "tampered" or graph.read_bytes() != spoiled
     # What was rebuilt is trusted again, even by the strict setting.
-    assert make_app(MODEL_PATH=str(path), INFERENCE_BACKEND="onnx").extensions["sibyl.model"].backend.name == "onnx"
+    assert served_model(make_app(MODEL_PATH=str(path), INFERENCE_BACKEND="onnx")).backend.name == "onnx"
 
 
 def test_tampered_compiled_graph_is_refused_under_onnx(make_app, make_model):
@@ -236,7 +236,7 @@ def test_stale_compiled_graph_is_rebuilt_under_onnx(make_app, make_model, capsys
     spoil(graph, record, how)
     capsys.readouterr()
     app = make_app(MODEL_PATH=str(path), INFERENCE_BACKEND="onnx")
-    assert app.extensions["sibyl.model"].backend.name == "onnx"
+    assert served_model(app).backend.name == "onnx"
     assert capsys.readouterr().out.count("converting again") == 1
     assert json.loads(record.read_text())["graph_sha256"] == file_sha256(graph)
 
@@ -257,7 +257,7 @@ def test_slow_conversion_is_cut_off(make_app, make_model, monkeypatch, capsys):
     monkeypatch.setattr(backends, "_compile", lambda *a, **kw: time.sleep(600))
     capsys.readouterr()
     app = make_app(MODEL_PATH=str(path), COMPILE_TIMEOUT_SECONDS=1)
-    assert app.extensions["sibyl.model"].backend.name == "sklearn"
+    assert served_model(app).backend.name == "sklearn"
     assert "ONNX conversion took longer than COMPILE_TIMEOUT_SECONDS=1 s" in capsys.readouterr().out
     with pytest.raises(ModelError, match="took longer than COMPILE_TIMEOUT_SECONDS=1 s"):
         make_app(MODEL_PATH=str(path), COMPILE_TIMEOUT_SECONDS=1, INFERENCE_BACKEND="onnx")

@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 import pytest
 import redis
-from conftest import IRIS_ROWS, USER, USERS, basic_auth, free_port
+from conftest import IRIS_ROWS, USER, USERS, basic_auth, free_port, served_model
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
@@ -46,7 +46,7 @@ class Service:
 
     def __init__(self, app) -> None:
         self.app = app
-        self.model = app.extensions["sibyl.model"]
+        self.model = served_model(app)
         self.backend = self.model.backend = CountingBackend(self.model.backend)
         self.client = app.test_client()
         url = app.config["REDIS_URL"]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import IRIS_ROWS, ROOT, basic_auth
+from conftest import IRIS_ROWS, ROOT, basic_auth, served_model
 
 import config
 from app.errors import StartupError
@@ -87,7 +87,7 @@ def test_strings_in_a_mapping_mean_what_they_say(make_app, redis_url):
     app = make_app(REDIS_URL=redis_url, CACHE_ENABLED="false", INFERENCE_BACKEND="SKLearn", LOG_FORMAT="JSON")
     r = app.test_client().post("/predict", json={"features": IRIS_ROWS}, headers=basic_auth())
     assert (r.status_code, r.headers["X-Cache"]) == (200, "OFF")
-    assert app.extensions["sibyl.model"].backend.name == "sklearn"
+    assert served_model(app).backend.name == "sklearn"
     assert (app.config["CACHE_ENABLED"], app.config["LOG_FORMAT"]) == (False, "json")
 
 

@@ -5,7 +5,7 @@ import tracemalloc
 
 import pytest
 import requests
-from conftest import IRIS_ROWS, basic_auth
+from conftest import IRIS_ROWS, basic_auth, served_model
 
 
 def assert_error_shape(r, status, code):
@@ -44,7 +44,7 @@ def test_crash_is_a_generic_500_logged_with_trace(app, capsys):
         def predict(self, X, proba):
             raise RuntimeError("secret internal detail")
 
-    app.extensions["sibyl.model"].backend = Broken()
+    served_model(app).backend = Broken()
     r = app.test_client().post("/predict", json={"features": IRIS_ROWS}, headers=basic_auth())
     assert_error_shape(r, 500, "internal_error")
     assert b"secret internal detail" not in r.data and b"Traceback" not in r.data

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, USERS, basic_auth
+from conftest import ROOT, USERS, basic_auth, served_model
 
 from app import create_app
 from app.registry import ModelError, file_sha256
@@ -23,11 +23,11 @@ def test_defaults_come_from_config_and_overrides_win(app):
 
 def test_model_loaded_once_at_startup(app, iris_path):
     """The model object is built by create_app and reused by every request."""
-    model = app.extensions["sibyl.model"]
+    model = served_model(app)
     assert (model.name, model.version, model.sha256) == ("iris", "1", file_sha256(iris_path))
     client = app.test_client()
     client.get("/health")
-    assert app.extensions["sibyl.model"] is model
+    assert served_model(app) is model
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_sha256_pin_must_match(model_copy):
     with pytest.raises(ModelError, match="MODEL_SHA256"):
         create_app({"MODEL_PATH": str(model_copy), "SIBYL_USERS": USERS, "MODEL_SHA256": "0" * 64})
     good = create_app({"MODEL_PATH": str(model_copy), "SIBYL_USERS": USERS, "MODEL_SHA256": file_sha256(model_copy)})
-    assert good.extensions["sibyl.model"].name == "iris"
+    assert served_model(good).name == "iris"
 
 
 def test_gunicorn_refuses_to_start_with_one_clear_line(model_copy, tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 import requests
-from conftest import free_port
+from conftest import free_port, served_model
 
 
 def test_ready_means_the_backend_answered(client):
@@ -19,7 +19,7 @@ def test_broken_backend_is_not_ready(app, capsys):
         def predict(self, X, proba):
             raise RuntimeError("onnxruntime session is gone")
 
-    app.extensions["sibyl.model"].backend = Broken()
+    served_model(app).backend = Broken()
     r = app.test_client().get("/ready")
     assert r.status_code == 503
     assert r.json["error"]["code"] == "unavailable"

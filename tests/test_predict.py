@@ -97,16 +97,18 @@ def test_regressor_values_and_no_probabilities(make_app, make_model):
     assert "no probabilities" in r.json["error"]["message"]
 
 
-def test_models_lists_metadata(client):
+def test_models_lists_metadata(client, iris_path):
     """GET /models describes the served model, its backend and nothing on the server's disk."""
     r = client.get("/models", headers=basic_auth())
-    (model,) = r.json["models"]
-    assert model["name"] == "iris"
+    (entry,) = r.json["models"]
+    assert (entry["name"], entry["default_version"], entry["unavailable"]) == ("iris", "1", [])
+    (model,) = entry["versions"]
+    assert (model["name"], model["version"]) == ("iris", "1")
     assert model["feature_names"] == ["sepal_length", "sepal_width", "petal_length", "petal_width"]
     assert model["classes"] == ["setosa", "versicolor", "virginica"]
     assert model["backend"] in {"onnx", "sklearn"}
     assert len(model["sha256"]) == 64
-    assert "path" not in model and "sample_rows" not in model
+    assert "path" not in model and "sample_rows" not in model and str(iris_path.parent) not in r.text
 
 
 def test_health_and_ready_need_no_auth(client):

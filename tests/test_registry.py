@@ -6,7 +6,7 @@ import warnings
 import joblib
 import numpy as np
 import pytest
-from conftest import basic_auth, fitted_on_names
+from conftest import basic_auth, fitted_on_names, served_model
 from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 from sklearn.linear_model import LinearRegression
 from sklearn.multioutput import MultiOutputRegressor
@@ -89,7 +89,7 @@ def test_served_named_estimator_does_not_warn_but_others_still_do(make_app, tmp_
     path = tmp_path / "ten_a.joblib"
     save_model(ten_a(), path, name="ten_a", version="1")
     app = make_app(MODEL_PATH=str(path), INFERENCE_BACKEND="sklearn")
-    model = app.extensions["sibyl.model"]
+    model = served_model(app)
     assert not [f for f in warnings.filters if f[1] is not None and "valid feature names" in f[1].pattern]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

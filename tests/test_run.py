@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -62,17 +63,27 @@ def with_group_gone(pgid: int) -> None:
 
 @pytest.fixture
 def run_env(tmp_path, make_model):
-    """Environment for run.sh serving a non-iris model with named features on a free port, state in tmp_path."""
+    """Environment for run.sh serving a MODEL_DIR whose one model (prices 1, not iris) has named features, on a free
+    port, state in tmp_path."""
     path = make_model(LinearRegression(), n_features=3, name="prices", classify=False, feature_names=["x", "y", "z"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIBYL_", "REDIS_", "CACHE_"))}
+    folder = tmp_path / "registry" / "prices" / "1"
+    folder.mkdir(parents=True)
+    shutil.copy(path, folder / "model.joblib")
+    shutil.copy(path.with_suffix(".json"), folder / "model.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIBYL_", "REDIS_", "CACHE_", "MODEL_"))}
     port = free_port()
-    env.update(MODEL_PATH=str(path), BIND=f"127.0.0.1:{port}", SIBYL_STATE_DIR=str(tmp_path / "state"))
+    env.update(MODEL_DIR=str(tmp_path / "registry"), BIND=f"127.0.0.1:{port}", SIBYL_STATE_DIR=str(tmp_path / "state"))
     env.update(WEB_CONCURRENCY="1")
     return env
 
 
-def test_make_run_prints_a_working_curl_for_the_served_model(run_env, tmp_path):
-    """The printed curl is built from the served model's own features and answers 200 as pasted."""
+@pytest.mark.parametrize("setting", ["MODEL_DIR", "MODEL_PATH"])
+def test_make_run_prints_a_working_curl_for_the_served_model(run_env, tmp_path, setting):
+    """The printed curl is built from the served model's own features (a registry's default model, or the one
+    MODEL_PATH names) and answers 200 as pasted."""
+    if setting == "MODEL_PATH":
+        registry = Path(run_env.pop("MODEL_DIR"))
+        run_env["MODEL_PATH"] = str(registry / "prices" / "1" / "model.joblib")
     run = RunScript(run_env, tmp_path / "run.log")
     try:
         out = run.wait_for("/predict\n")

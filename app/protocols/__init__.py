@@ -1,4 +1,7 @@
-"""(2) Wire formats: each protocol module turns its request into rows and a pipeline result into its reply."""
+"""(2) Wire formats: each protocol module turns its request into rows and a pipeline result into its reply.
+
+Each protocol owns a blueprint and renders its own errors on it (bp.register_error_handler; native.py uses
+errors.register_handlers for Sibyl's one shape), so a protocol with another error shape never leaks Sibyl's."""
 
 import zlib
 

@@ -1,28 +1,97 @@
-"""Sibyl's own protocol: POST /predict with features or instances, GET /models."""
+"""Sibyl's own protocol: POST /predict and /models/<name>[/versions/<v>]/predict, GET /models, in Sibyl's shapes."""
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
 from werkzeug.datastructures import RequestCacheControl
+from werkzeug.exceptions import NotFound
 from werkzeug.http import parse_cache_control_header
 
-from app import pipeline
+from app import errors, pipeline
 from app.auth import auth
+from app.errors import ApiError
 from app.protocols import cache_headers, json_response, read_json
+from app.registry import Model, Registry
 from app.validation import field_name, invalid, to_matrix
 
 bp = Blueprint("native", __name__)
+# This protocol's errors (its own and Werkzeug's raised in its views) render in Sibyl's one JSON shape. A protocol
+# with another error shape registers its own renderers on its own blueprint here; the app-wide handlers only answer
+# what no blueprint owns (unknown URLs, wrong methods).
+errors.register_handlers(bp)
 
 _FIELDS = ("features", "instances")
 _KEYS = {*_FIELDS, "probabilities"}
 _TRUE = {"1", "true", "yes"}
 _FLAGS = _TRUE | {"", "0", "false", "no"}
+_NO_DEFAULT = (
+    "Several models are served and DEFAULT_MODEL is not set: POST to /models/<name>/predict (GET /models lists "
+    "them), or set DEFAULT_MODEL."
+)
+
+
+@bp.before_request
+def _refuse_encoded_slash() -> None:
+    """404 for a %2F in the path. The server decodes it before routing, so /models/a%2Fversions%2F2/predict would
+    reach another route as name "a", version "2"; no model or version name holds a slash."""
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or ""
+    if "%2f" in raw.partition("?")[0].lower():
+        raise NotFound()
 
 
 @bp.post("/predict")
 @auth.login_required
 def predict() -> Response:
-    """Predict every row of the body; add class probabilities when asked."""
+    """Predict with the default model."""
+    registry = _registry()
+    if registry.default_model is None:
+        raise ApiError(404, "model_not_found", _NO_DEFAULT)
+    return _predict(registry.resolve(registry.default_model))
+
+
+@bp.post("/models/<name>/predict")
+@auth.login_required
+def predict_model(name: str) -> Response:
+    """Predict with a model's default version (or a version drawn by its traffic split)."""
+    return _predict(_registry().resolve(name))
+
+
+@bp.post("/models/<name>/versions/<version>/predict")
+@auth.login_required
+def predict_version(name: str, version: str) -> Response:
+    """Predict with one version of a model, named or by alias."""
+    return _predict(_registry().resolve(name, version))
+
+
+@bp.get("/models")
+@auth.login_required
+def models() -> Response:
+    """Every model served: versions with their metadata and backend, aliases, traffic, and unavailable versions."""
+    return json_response({"models": _registry().describe()})
+
+
+@bp.get("/models/<name>")
+@auth.login_required
+def model(name: str) -> Response:
+    """One model, as GET /models lists it."""
+    return json_response(_registry().entry(name).describe())
+
+
+@bp.get("/models/<name>/versions/<version>")
+@auth.login_required
+def model_version(name: str, version: str) -> Response:
+    """One version of a model (named or by alias): its metadata and backend."""
+    return json_response(_registry().resolve(name, version).describe())
+
+
+def _registry() -> Registry:
+    """The registry create_app loaded."""
+    return current_app.extensions["sibyl.registry"]
+
+
+def _predict(model: Model) -> Response:
+    """Predict every row of the body with model; add class probabilities when asked."""
+    # Logged from here on, so a refused body's line still says which model it was sent to.
+    g.log.update(model=model.name, version=model.version)
     body = read_json()
-    model = current_app.extensions["sibyl.model"]
     field = _rows_field(body)
     proba = _wants_probabilities(body)
     if proba and not model.has_proba:
@@ -30,22 +99,19 @@ def predict() -> Response:
     X = to_matrix(body[field], model, current_app.config["MAX_ROWS"], field)
     # Parse Cache-Control only when sent: werkzeug's parser costs more than the rest of a cache hit. Lowercased
     # first: directives are case-insensitive (RFC 9111 5.2), werkzeug matches them exactly.
-    bypass, store = False, True
+    lookup, store = True, True
     if "Cache-Control" in request.headers:
         cc = parse_cache_control_header(request.headers["Cache-Control"].lower(), cls=RequestCacheControl)
-        bypass, store = bool(cc.no_cache), not cc.no_store
-    result = pipeline.predict(model, X, proba, bypass_cache=bypass, store=store, user=auth.current_user())
-    payload = {"predictions": result.predictions, "model": {"name": model.name, "version": model.version}}
+        lookup, store = not cc.no_cache, not cc.no_store
+    cache = current_app.extensions["sibyl.cache"]
+    result = pipeline.predict(model, X, proba, cache, lookup=lookup, store=store, user=auth.current_user())
+    g.log.update(rows=len(X), cache=result.cache, cache_hits=result.hits)
+    g.timings = result.timings
+    answered = {"name": result.model.name, "version": result.model.version}
+    payload = {"predictions": result.predictions, "model": answered}
     if result.probabilities is not None:
         payload["probabilities"] = result.probabilities
     return json_response(payload, headers=cache_headers(result))
-
-
-@bp.get("/models")
-@auth.login_required
-def models() -> Response:
-    """What is served, with its metadata and the backend in use."""
-    return json_response({"models": [current_app.extensions["sibyl.model"].describe()]})
 
 
 def _rows_field(body: dict) -> str:
