@@ -16,14 +16,8 @@ import numpy as np
 import sklearn
 from threadpoolctl import threadpool_limits
 
-from app.registry import (
-    Model,
-    ModelError,
-    final_estimator,
-    refuse_world_writable,
-    without_feature_names,
-    write_atomically,
-)
+from app.artifacts import ModelError, refuse_world_writable
+from app.registry import Model, final_estimator, without_feature_names, write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -38,13 +38,15 @@ def create_user(name: str, users_file: str | None, dev: bool, role: str) -> None
 @click.option("--features", help="Comma-separated feature names, if the model wasn't fitted on a DataFrame.")
 def register(artifact: str, name: str | None, version: str, features: str | None) -> None:
     """Check a model you trust as startup would, then write the metadata (sha256, features, classes) beside it."""
-    from app.registry import ModelError, open_artifact, write_metadata
+    from app.artifacts import ModelError, open_artifact, parse_trusted_types
+    from app.registry import write_metadata
+    from config import Config
 
     path = Path(artifact)
     names = [f.strip() for f in features.split(",")] if features else None
     try:
-        # Unpickling runs code: this is the one place Sibyl opens an unverified artifact, at your request.
-        estimator = open_artifact(path)
+        # Opening a .joblib runs code: this is the one place Sibyl opens an unverified artifact, at your request.
+        estimator = open_artifact(path, parse_trusted_types(Config.SKOPS_TRUSTED_TYPES))
         meta = write_metadata(estimator, path, name or path.stem, version, names)
     except (ModelError, OSError) as e:
         raise click.ClickException(str(e)) from None
@@ -62,7 +64,7 @@ def register(artifact: str, name: str | None, version: str, features: str | None
 def curl(artifact: str | None, model_dir: str | None, name: str | None, url: str, credentials: str) -> None:
     """Print a curl command that predicts a sample row of a model, built from its metadata (nothing unpickled)."""
     from app.errors import StartupError
-    from app.registry import ARTIFACT, metadata_path, scan_dir
+    from app.registry import artifact_in, metadata_path, scan_dir
 
     if (artifact is None) == (model_dir is None):
         raise click.UsageError("give an ARTIFACT or --model-dir, not both")
@@ -77,7 +79,7 @@ def curl(artifact: str | None, model_dir: str | None, name: str | None, url: str
         name = name or min(plans)
         # /predict serves the default model; with several, the model's own route is right whatever DEFAULT_MODEL is.
         route = "/predict" if len(plans) == 1 else f"/models/{name}/predict"
-        artifact = plans[name]["versions"][plans[name]["default"]] / ARTIFACT
+        artifact = artifact_in(plans[name]["versions"][plans[name]["default"]])
     meta_file = metadata_path(Path(artifact))
     try:
         meta = json.loads(meta_file.read_text())

@@ -15,17 +15,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import sklearn
 
+from app.artifacts import ModelError, check_sklearn_version, open_artifact, parse_trusted_types, save_artifact
 from app.errors import ApiError, StartupError
 
 log = logging.getLogger(__name__)
-
-
-class ModelError(StartupError):
-    """The model cannot be served; startup stops with this one-line message."""
 
 
 @dataclass
@@ -106,7 +102,7 @@ def save_model(
     """Dump an estimator and write its metadata beside it; return the metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    joblib.dump(estimator, path)
+    save_artifact(estimator, path)
     return write_metadata(estimator, path, name, version, feature_names, sample_rows)
 
 
@@ -149,23 +145,6 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def refuse_world_writable(path: Path, what: str = "model file") -> None:
-    """Raise ModelError if anyone could replace the file at path."""
-    if os.stat(path).st_mode & 0o002:
-        raise ModelError(f"{what} {path} is world-writable; refusing to use a file anyone could replace")
-
-
-def open_artifact(path: Path) -> Any:
-    """Open an artifact (never a world-writable one); raise ModelError naming the file if it can't be read.
-
-    The one place an artifact's bytes become an estimator, so another format (skops) is added here alone."""
-    refuse_world_writable(path)
-    try:
-        return joblib.load(path)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing to the operator
-        raise ModelError(f"model file {path} could not be loaded: {type(e).__name__}: {e}") from None
 
 
 def check_estimator(estimator: Any, path: Path, feature_names: list[str] | None) -> tuple[list[str] | None, int]:
@@ -221,8 +200,11 @@ def _outputs_per_row(estimator: Any, n_features: int) -> int:
     return max(declared, y.shape[1] if y.ndim == 2 else 1)
 
 
-def load_model(path: str | Path, expected_sha256: str = "") -> Model:
-    """Verify and load one artifact; raise ModelError naming the file on any problem."""
+def load_model(
+    path: str | Path, expected_sha256: str = "", trusted_types: list[str] | None = None, strict_sklearn: bool = False
+) -> Model:
+    """Verify and load one artifact (.joblib, or .skops holding only trusted types); raise ModelError naming the
+    file on any problem."""
     path = Path(path)
     meta_file = metadata_path(path)
     if not path.is_file():
@@ -245,14 +227,9 @@ def load_model(path: str | Path, expected_sha256: str = "") -> Model:
         )
     if expected_sha256 and actual != expected_sha256.lower():
         raise ModelError(f"model file {path} has sha256 {actual}, but MODEL_SHA256 pins {expected_sha256}")
-    estimator = open_artifact(path)
-    if meta.get("sklearn_version") not in (None, sklearn.__version__):
-        log.warning(
-            "model %s was written with scikit-learn %s but %s is installed; retrain if predictions look wrong",
-            path,
-            meta["sklearn_version"],
-            sklearn.__version__,
-        )
+    # Before opening: a strict refusal needs only the metadata, and opening a pickle runs its code.
+    check_sklearn_version(meta.get("sklearn_version"), path, strict_sklearn)
+    estimator = open_artifact(path, trusted_types or [])
     names, n_features = check_estimator(estimator, path, meta.get("feature_names"))
     classes = getattr(estimator, "classes_", None)
     return Model(
@@ -279,6 +256,16 @@ def _estimator_feature_names(estimator: Any) -> list[str] | None:
 # looked up, and a folder name can always be shown and routed.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ARTIFACT = "model.joblib"
+# A version folder holds one of these: a pickle, or a skops file that can hold only trusted types.
+ARTIFACTS = (ARTIFACT, "model.skops")
+
+
+def artifact_in(folder: Path) -> Path:
+    """A version folder's artifact: model.skops if it holds one, else model.joblib (which may be missing)."""
+    skops = folder / ARTIFACTS[1]
+    return skops if skops.exists() or skops.is_symlink() else folder / ARTIFACT
+
+
 MANIFEST = "manifest.json"
 _MANIFEST_KEYS = ("default", "aliases", "traffic", "cache")
 CACHE_POLICIES = ("on", "off", "auto")
@@ -364,9 +351,11 @@ def load_registry(config: Mapping) -> Registry:
     # Imported here: backends builds on this module's Model.
     from app.backends import choose_backend
 
+    trusted = parse_trusted_types(config["SKOPS_TRUSTED_TYPES"])
+
     def load(path: Path, folder: tuple[str, str] | None, cache_policy: str, sha256: str = "") -> Model:
         start = time.perf_counter()
-        model = load_model(path, sha256)
+        model = load_model(path, sha256, trusted, config["STRICT_SKLEARN_VERSION"])
         if folder and (model.name, model.version) != folder:
             raise ModelError(
                 f"model file {path} is {model.name} version {model.version} by its metadata, but sits in folder "
@@ -396,8 +385,9 @@ def load_registry(config: Mapping) -> Registry:
         entry = entries[name] = Entry(name, {}, plan["default"], plan["aliases"], plan["traffic"])
         for version, folder in plan["versions"].items():
             try:
-                _refuse_outside(root, folder, folder / ARTIFACT, metadata_path(folder / ARTIFACT))
-                model = entry.versions[version] = load(folder / ARTIFACT, (name, version), plan["cache"])
+                artifact = artifact_in(folder)
+                _refuse_outside(root, folder, artifact, metadata_path(artifact))
+                model = entry.versions[version] = load(artifact, (name, version), plan["cache"])
             except ModelError as e:
                 if not config["SKIP_BAD_MODELS"] or (name, version) == (default_model, plan["default"]):
                     raise
@@ -434,14 +424,16 @@ def scan_dir(root: Path, cache_default: str = "on") -> dict[str, dict]:
                 continue
             versions[sub.name] = sub
         if not versions:
-            raise StartupError(f"model folder {folder} has no version folders (<name>/<version>/{ARTIFACT})")
+            raise StartupError(
+                f"model folder {folder} has no version folders (<name>/<version>/model.joblib or model.skops)"
+            )
         manifest = folder / MANIFEST
         _refuse_outside(root, manifest)
         plans[folder.name] = read_manifest(manifest, list(versions), cache_default) | {"versions": versions}
     if not plans:
         raise StartupError(
-            f"model folder {root} holds no models (<name>/<version>/{ARTIFACT} with its metadata; `make model` "
-            "builds the demo)"
+            f"model folder {root} holds no models (<name>/<version>/model.joblib or model.skops with its metadata; "
+            "`make model` builds the demo)"
         )
     return plans
 

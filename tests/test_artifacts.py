@@ -1,17 +1,20 @@
 """Opening artifacts: .skops loads only trusted types, .joblib unpickles, anything else is refused; version checks."""
 
+import json
 import logging
 
 import joblib
 import numpy as np
 import pytest
 import sklearn
+from conftest import basic_auth
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from app.artifacts import ModelError, check_sklearn_version, open_artifact, parse_trusted_types, save_artifact
+from app.registry import save_model
 
 X = np.random.default_rng(0).normal(size=(200, 3))
 Y = (X[:, 0] + X[:, 2] > 0).astype(int)
@@ -157,3 +160,46 @@ def test_strict_sklearn_version_refuses_naming_both_and_the_setting(tmp_path, ca
     message = str(e.value)
     assert "1.0.2" in message and sklearn.__version__ in message and "STRICT_SKLEARN_VERSION=true" in message
     assert "\n" not in message and caplog.records == []
+
+
+def skops_dir(tmp_path, estimator, name="sk"):
+    """A MODEL_DIR holding one .skops version of estimator, fitted on seeded data, with its metadata."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 3))
+    estimator.fit(X, (X[:, 0] > 0).astype(int))
+    folder = tmp_path / "registry" / name / "1"
+    folder.mkdir(parents=True)
+    save_model(estimator, folder / "model.skops", name=name, version="1", sample_rows=X[:5])
+    return tmp_path / "registry", estimator, X
+
+
+def test_skops_version_folder_is_served(tmp_path, make_app):
+    """A <name>/<version>/model.skops in MODEL_DIR is served, answering as the estimator itself does."""
+    root, estimator, X = skops_dir(tmp_path, make_pipeline(StandardScaler(), LogisticRegression()))
+    app = make_app(MODEL_PATH="", MODEL_DIR=str(root))
+    r = app.test_client().post("/predict", json={"features": X[:20].tolist()}, headers=basic_auth())
+    assert r.status_code == 200 and r.json["predictions"] == estimator.predict(X[:20]).tolist()
+
+
+def test_untrusted_skops_types_stop_startup_until_trusted(tmp_path, make_app):
+    """A forest's tree storage is not trusted by default: startup stops with one line naming the type and the
+    setting; listed in SKOPS_TRUSTED_TYPES, the same file serves."""
+    root, estimator, X = skops_dir(tmp_path, RandomForestClassifier(n_estimators=5, random_state=0))
+    with pytest.raises(ModelError) as e:
+        make_app(MODEL_PATH="", MODEL_DIR=str(root))
+    assert "sklearn.tree._tree.Tree" in str(e.value) and "SKOPS_TRUSTED_TYPES" in str(e.value)
+    assert "\n" not in str(e.value)
+    app = make_app(MODEL_PATH="", MODEL_DIR=str(root), SKOPS_TRUSTED_TYPES="sklearn.tree._tree.Tree")
+    r = app.test_client().post("/predict", json={"features": X[:20].tolist()}, headers=basic_auth())
+    assert r.json["predictions"] == estimator.predict(X[:20]).tolist()
+
+
+def test_strict_sklearn_version_refuses_another_version_at_startup(tmp_path, make_app, capsys):
+    """Metadata naming another scikit-learn version warns at startup; STRICT_SKLEARN_VERSION refuses it."""
+    root, _, _ = skops_dir(tmp_path, LogisticRegression())
+    meta_file = root / "sk" / "1" / "model.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "sklearn_version": "0.24.2"}))
+    make_app(MODEL_PATH="", MODEL_DIR=str(root))
+    assert "written with scikit-learn 0.24.2 but" in capsys.readouterr().out  # the app's log is on stdout
+    with pytest.raises(ModelError, match=r"0\.24\.2.*STRICT_SKLEARN_VERSION|STRICT_SKLEARN_VERSION.*0\.24\.2"):
+        make_app(MODEL_PATH="", MODEL_DIR=str(root), STRICT_SKLEARN_VERSION=True)
