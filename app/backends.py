@@ -211,10 +211,23 @@ def _kept_graph(model: Model, dtype: type) -> tuple[bytes | None, str, bool]:
     return onnx_bytes, "", False
 
 
-def _compile(model: Model, strict: bool) -> tuple[bytes | None, type | None, str, list[str]]:
+def row_seconds(backend: Any, rows: np.ndarray) -> float:
+    """What answering one row costs this backend: the best of 20 one-row calls after 3 warm-ups (CACHE_POLICY=auto
+    weighs it against a Redis round trip)."""
+    row, costs = rows[:1], []
+    for i in range(23):
+        start = time.perf_counter()
+        backend.predict(row, proba=False)
+        if i >= 3:
+            costs.append(time.perf_counter() - start)
+    return min(costs)
+
+
+def _compile(model: Model, strict: bool) -> tuple[bytes | None, type | None, str, list[str], float]:
     """Reuse a kept conversion its record vouches for, or convert; verify against scikit-learn. Return (onnx
-    bytes, input dtype, why not, notes for the log). strict (INFERENCE_BACKEND=onnx): a kept graph whose bytes
-    changed after it was recorded stops here rather than being rebuilt; a stale or unrecorded one is rebuilt."""
+    bytes, input dtype, why not, notes for the log, one row's cost in seconds). strict (INFERENCE_BACKEND=onnx):
+    a kept graph whose bytes changed after it was recorded stops here rather than being rebuilt; a stale or
+    unrecorded one is rebuilt."""
     rows = sample_rows(model)
     reasons, notes = [], []
     for dtype in _dtypes(model):
@@ -222,21 +235,23 @@ def _compile(model: Model, strict: bool) -> tuple[bytes | None, type | None, str
         try:
             onnx_bytes, stale, tampered = _kept_graph(model, dtype)
             if tampered and strict:
-                return None, None, stale, notes
+                return None, None, stale, notes, 0.0
             if stale:
                 notes.append(f"{stale}; converting again")
             kept = onnx_bytes is not None
             onnx_bytes = onnx_bytes if kept else _convert(model, dtype)
-            why = disagreement(model, OnnxBackend(onnx_bytes, model, dtype), rows)
+            candidate = OnnxBackend(onnx_bytes, model, dtype)
+            why = disagreement(model, candidate, rows)
         except Exception as e:  # noqa: BLE001 - skl2onnx/onnxruntime raise many kinds for unsupported models
             why = f"{type(e).__name__}: {_first_line(e)}"
         if why is None:
             if not kept:
                 _keep(path, onnx_bytes)
                 _keep(_record_path(path), json.dumps(_record(model, dtype, onnx_bytes), indent=2).encode())
-            return onnx_bytes, dtype, "", notes
+            # Timed here: onnxruntime runs only in this child, never in the gunicorn master.
+            return onnx_bytes, dtype, "", notes, row_seconds(candidate, rows)
         reasons.append(f"{np.dtype(dtype).name}: {why}")
-    return None, None, "; ".join(reasons), notes
+    return None, None, "; ".join(reasons), notes, 0.0
 
 
 def _first_line(e: BaseException) -> str:
@@ -303,24 +318,33 @@ def _keep(path: Path, data: bytes) -> None:
 
 
 def choose_backend(model: Model, mode: str, timeout: float = 300.0) -> Any:
-    """Pick the predictor for a model per INFERENCE_BACKEND (auto | sklearn | onnx); compiling gets timeout s."""
+    """Pick the predictor for a model per INFERENCE_BACKEND (auto | sklearn | onnx); compiling gets timeout s. The
+    backend's row_seconds says what one row costs it."""
     if mode == "sklearn":
-        return SklearnBackend(model.estimator)
+        return _timed(SklearnBackend(model.estimator), model)
     for dtype in _dtypes(model):
         graph = _compiled_path(model, dtype)
         for path in (graph, _record_path(graph)):
             if path.is_file():  # checked here, before the child trusts it, as the artifact is
                 refuse_world_writable(path, "compiled model file")
     try:
-        onnx_bytes, dtype, why, notes = _in_child(lambda: _compile(model, strict=mode == "onnx"), timeout)
+        onnx_bytes, dtype, why, notes, cost = _in_child(lambda: _compile(model, strict=mode == "onnx"), timeout)
     except ChildFailed as e:
-        onnx_bytes, dtype, why, notes = None, None, str(e), []
+        onnx_bytes, dtype, why, notes, cost = None, None, str(e), [], 0.0
     for note in notes:
         log.warning("model %s %s: %s", model.name, model.version, note)
     if onnx_bytes is not None:
         log.info("model %s %s: serving the compiled ONNX backend", model.name, model.version)
-        return OnnxBackend(onnx_bytes, model, dtype)
+        backend = OnnxBackend(onnx_bytes, model, dtype)
+        backend.row_seconds = cost
+        return backend
     if mode == "onnx":
         raise ModelError(f"model file {model.path} cannot be served by INFERENCE_BACKEND=onnx: {why}")
     log.warning("model %s %s: ONNX not used (%s); serving with scikit-learn", model.name, model.version, why)
-    return SklearnBackend(model.estimator)
+    return _timed(SklearnBackend(model.estimator), model)
+
+
+def _timed(backend: SklearnBackend, model: Model) -> SklearnBackend:
+    """The backend with its row_seconds measured on the model's sample row (scikit-learn runs in the master)."""
+    backend.row_seconds = row_seconds(backend, np.asarray([model.sample_row], dtype=np.float64))
+    return backend
