@@ -85,6 +85,7 @@ class Plan:
     threads: int  # wrk threads: one keeps the load generator's share of a small machine's CPU down
     backend: str
     py_spy: bool
+    cache_layers: bool = False  # TEMPORARY (issue 9): only the two cache layers, side by side
 
 
 class Bench:
@@ -284,11 +285,20 @@ def check_sibyl(bench: Bench, server: Gunicorn, model: dict) -> None:
 def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitStack) -> None:
     """Start and check every server, then run each scenario on all of them back to back."""
     lineup = []  # (server, model name or None for the ceilings)
-    for name, target in CEILINGS:
+    if bench.plan.cache_layers:
+        # TEMPORARY (issue 9): the hand-written and the plain redis-py layer, no local tier, so every scenario
+        # (hits included) goes to Redis.
+        for name, model in models.items():
+            for layer in ("hand", "plain"):
+                env = bench.env(MODEL_PATH=str(model["path"]), SIBYL_CACHE_LAYER=layer, CACHE_LOCAL_ENTRIES="0")
+                server = stack.enter_context(serving(f"sibyl-{layer}", "wsgi:app", bench.workdir, env))
+                check_sibyl(bench, server, model)
+                lineup.append((server, name))
+    for name, target in CEILINGS if not bench.plan.cache_layers else ():
         server = stack.enter_context(serving(name, target, bench.workdir, bench.env()))
         bench.check(server, random_body(np.random.default_rng(2), 2), [0])
         lineup.append((server, None))
-    for name, model in models.items():
+    for name, model in models.items() if not bench.plan.cache_layers else ():
         env = bench.env(MODEL_PATH=str(model["path"]))
         naive = stack.enter_context(serving("naive", "bench.naive:app", bench.workdir, env))
         bench.check(naive, model["body"], model["expected"])
@@ -305,7 +315,10 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
     # with alike. Only Sibyl has a cache, so only Sibyl runs the hit shape.
     for shape in SHAPES:
         for c in bench.plan.concurrencies:
-            turn = [(s, name) for s, name in lineup if s.name == "sibyl" or not shape.hit]
+            turn = [
+                (s, name) for s, name in lineup if s.name.startswith("sibyl-") or s.name == "sibyl" or not shape.hit
+            ]
+            turn = [(s, name) for s, name in turn if s.name != "sibyl-nocache" or not shape.hit]
             rounds = [[] for _ in turn]
             for i in range(bench.plan.rounds):
                 for j in _rotated(range(len(turn)), i):
@@ -383,6 +396,9 @@ def run(plan: Plan, workdir: Path) -> dict:
     results["in_process"] = {name: in_process(m["path"], plan) for name, m in models.items()}
     with contextlib.ExitStack() as stack:
         measure(bench, models, results, stack)
+    if plan.cache_layers:
+        results["runs"] = bench.runs
+        return results
     print("bench: where the time goes (Sibyl with LOG_LEVEL=DEBUG)...")
     for name, model in models.items():
         with serving("sibyl", "wsgi:app", workdir, bench.env(MODEL_PATH=str(model["path"]), LOG_LEVEL="DEBUG")) as s:
@@ -402,6 +418,7 @@ def parse_args(argv: list[str] | None) -> Plan:
     p.add_argument("--rounds", type=int, help="interleaved runs per server and scenario, median kept (default 3)")
     p.add_argument("--backend", default="auto", choices=("auto", "sklearn", "onnx"), help="Sibyl's INFERENCE_BACKEND")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1: leaves the cores to servers)")
+    p.add_argument("--cache-layers", action="store_true", help="TEMPORARY: hand-written vs plain cache layer only")
     p.add_argument("--py-spy", action="store_true", help="also record py-spy flame graphs of one worker, if installed")
     a = p.parse_args(argv)
     seconds = a.duration or (2 if a.quick else 4)
@@ -416,7 +433,25 @@ def parse_args(argv: list[str] | None) -> Plan:
         threads=a.wrk_threads,
         backend=a.backend,
         py_spy=a.py_spy,
+        cache_layers=a.cache_layers,
     )
+
+
+def layers_table(results: dict) -> str:
+    """TEMPORARY (issue 9): median req/s of each scenario for both cache layers and their ratio, as Markdown."""
+    runs = {(r["server"], r["model"], r["shape"], r["concurrency"]): r for r in results["runs"]}
+    lines = [
+        "| Model | Scenario | c | hand-written req/s (rounds) | plain req/s (rounds) | hand / plain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (server, model, shape, c), hand in runs.items():
+        if server == "sibyl-hand" and (plain := runs.get(("sibyl-plain", model, shape, c))):
+            rounds = lambda r: " / ".join(f"{x:.0f}" for x in r["rounds_req_s"])  # noqa: E731
+            lines.append(
+                f"| {model} | {shape} | {c} | {hand['req_s']:.0f} ({rounds(hand)}) | {plain['req_s']:.0f} "
+                f"({rounds(plain)}) | {hand['req_s'] / plain['req_s']:.2f} |"
+            )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
+    if plan.cache_layers:
+        print("\n" + layers_table(results))
+        Path("/tmp/sibyl-cache-layers.json").write_text(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
+        return 0
     table = report.write(results, RESULTS)
     print("\n" + table)
     print(f"bench: wrote results.json, table.md and chart.png in {RESULTS.relative_to(ROOT)}/")
