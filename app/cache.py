@@ -19,6 +19,8 @@ from redis.retry import Retry
 log = logging.getLogger(__name__)
 
 
+_BATCH_EVAL = os.environ.get("SIBYL_CACHE_LAYER") == "eval"
+_STORE_SCRIPT = "for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end"
 # A stored value is "<expiry: unix time in ms, 13 digits> <answer as JSON>". A worker that fetches it keeps its
 # local copy until then, so the copy never outlives Redis's (which expires CACHE_TTL after the SET, a little later).
 _HEAD = len(b"1733090000123 ")
@@ -223,6 +225,9 @@ class PredictionCache:
             if len(items) == 1:
                 ((key, value),) = items
                 client.set(key, value, ex=self.ttl)
+            elif _BATCH_EVAL:  # TEMPORARY (issue 9): the third variant measured, one EVAL for a batch
+                keys, values = zip(*items)
+                client.eval(_STORE_SCRIPT, len(keys), *keys, self.ttl, *values)
             else:
                 pipe = client.pipeline(transaction=False)
                 for key, value in items:

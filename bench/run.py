@@ -289,8 +289,10 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
         # TEMPORARY (issue 9): the hand-written and the plain redis-py layer, no local tier, so every scenario
         # (hits included) goes to Redis.
         for name, model in models.items():
-            for layer in ("hand", "plain"):
+            for layer in os.environ.get("BENCH_LAYERS", "hand,plain").split(","):
                 env = bench.env(MODEL_PATH=str(model["path"]), SIBYL_CACHE_LAYER=layer, CACHE_LOCAL_ENTRIES="0")
+                if layer == "hand0":  # the hand-written layer sending each store at once
+                    env |= {"SIBYL_CACHE_LAYER": "hand", "CACHE_STORE_DELAY_MS": "0"}
                 server = stack.enter_context(serving(f"sibyl-{layer}", "wsgi:app", bench.workdir, env))
                 check_sibyl(bench, server, model)
                 lineup.append((server, name))
@@ -313,7 +315,8 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
     # Per scenario, every server runs in turn, `rounds` times over, and keeps its median run: a slow spell
     # on a shared machine (throughput here swings 2x between minutes) hits Sibyl and what it is compared
     # with alike. Only Sibyl has a cache, so only Sibyl runs the hit shape.
-    for shape in SHAPES:
+    only = os.environ.get("BENCH_SHAPES")  # TEMPORARY (issue 9): e.g. "100-row miss,1000-row miss"
+    for shape in [s for s in SHAPES if not only or s.name in only.split(",")]:
         for c in bench.plan.concurrencies:
             turn = [
                 (s, name) for s, name in lineup if s.name.startswith("sibyl-") or s.name == "sibyl" or not shape.hit
@@ -426,7 +429,7 @@ def parse_args(argv: list[str] | None) -> Plan:
         seconds=seconds,
         warmup=1,
         rounds=a.rounds or (1 if a.quick else 3),
-        concurrencies=(8,) if a.quick else (8, 32),
+        concurrencies=(8,) if a.quick or os.environ.get("BENCH_C8") else (8, 32),  # TEMPORARY (issue 9): BENCH_C8
         debug_seconds=min(seconds, 3),
         debug_concurrency=8,
         repeat=20 if a.quick else 50,
@@ -441,11 +444,14 @@ def layers_table(results: dict) -> str:
     """TEMPORARY (issue 9): median req/s of each scenario for both cache layers and their ratio, as Markdown."""
     runs = {(r["server"], r["model"], r["shape"], r["concurrency"]): r for r in results["runs"]}
     lines = [
+        f"(sibyl-{os.environ.get('BENCH_BASE', 'hand')} vs sibyl-{os.environ.get('BENCH_VERSUS', 'plain')})",
         "| Model | Scenario | c | hand-written req/s (rounds) | plain req/s (rounds) | hand / plain |",
         "|---|---|---|---|---|---|",
     ]
+    other = os.environ.get("BENCH_VERSUS", "plain")
+    base = os.environ.get("BENCH_BASE", "hand")
     for (server, model, shape, c), hand in runs.items():
-        if server == "sibyl-hand" and (plain := runs.get(("sibyl-plain", model, shape, c))):
+        if server == f"sibyl-{base}" and (plain := runs.get((f"sibyl-{other}", model, shape, c))):
             rounds = lambda r: " / ".join(f"{x:.0f}" for x in r["rounds_req_s"])  # noqa: E731
             lines.append(
                 f"| {model} | {shape} | {c} | {hand['req_s']:.0f} ({rounds(hand)}) | {plain['req_s']:.0f} "
