@@ -201,6 +201,8 @@ class PredictionCache:
             self._remember([(key, expires, raw) for key, raw in encoded])
         if send:
             self.set_many(encoded)
+            if os.environ.get("SIBYL_CACHE_SYNC"):  # TEMPORARY (issue 9): wait for the store's reply before answering
+                self.settle()
 
     def _remember(self, entries: list[tuple[str, float, bytes]]) -> None:
         """Add (key, expires, stored value) entries to the local copy, then drop the least recently used while it

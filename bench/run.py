@@ -293,6 +293,8 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
                 env = bench.env(MODEL_PATH=str(model["path"]), SIBYL_CACHE_LAYER=layer, CACHE_LOCAL_ENTRIES="0")
                 if layer == "hand0":  # the hand-written layer sending each store at once
                     env |= {"SIBYL_CACHE_LAYER": "hand", "CACHE_STORE_DELAY_MS": "0"}
+                if layer == "handsync":  # ... and reading its reply before answering
+                    env |= {"SIBYL_CACHE_LAYER": "hand", "CACHE_STORE_DELAY_MS": "0", "SIBYL_CACHE_SYNC": "1"}
                 server = stack.enter_context(serving(f"sibyl-{layer}", "wsgi:app", bench.workdir, env))
                 check_sibyl(bench, server, model)
                 lineup.append((server, name))
