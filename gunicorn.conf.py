@@ -102,10 +102,3 @@ def post_worker_init(worker):
     model = getattr(worker.wsgi, "extensions", {}).get("sibyl.model")
     if model is not None:  # other WSGI apps (the benchmark's ceilings) share this file
         model.backend.warm()
-
-
-def worker_exit(server, worker):
-    """Send the cache stores this worker still holds (each waits briefly to share a write with the next call)."""
-    cache = getattr(worker.wsgi, "extensions", {}).get("sibyl.cache")
-    if getattr(cache, "flush", None):  # TEMPORARY (issue 9): only the hand-written layer has one
-        cache.flush()

@@ -1,7 +1,5 @@
 """Sibyl: serve a scikit-learn model over HTTP. create_app() wires the request's path together."""
 
-import os
-
 from flask import Flask
 
 from app import auth, errors, request_log
@@ -27,13 +25,7 @@ def create_app(config: dict | None = None) -> Flask:
     model = load_model(app.config["MODEL_PATH"], app.config["MODEL_SHA256"])
     model.backend = choose_backend(model, app.config["INFERENCE_BACKEND"], app.config["COMPILE_TIMEOUT_SECONDS"])
     app.extensions["sibyl.model"] = model
-    # TEMPORARY (issue 9): SIBYL_CACHE_LAYER=hand serves the hand-written pipelining layer, for bench/run.py's
-    # side-by-side --cache-layers run; removed with the loser.
-    layer = PredictionCache
-    if os.environ.get("SIBYL_CACHE_LAYER") == "hand":
-        from app.cache_hand import PredictionCache as layer
-    extra = {"store_delay_ms": app.config["CACHE_STORE_DELAY_MS"]} if layer is not PredictionCache else {}
-    app.extensions["sibyl.cache"] = layer(
+    app.extensions["sibyl.cache"] = PredictionCache(
         app.config["REDIS_URL"] if app.config["CACHE_ENABLED"] else "",
         ttl=app.config["CACHE_TTL"],
         prefix=app.config["CACHE_PREFIX"],
@@ -42,7 +34,6 @@ def create_app(config: dict | None = None) -> Flask:
         local_entries=app.config["CACHE_LOCAL_ENTRIES"],
         local_bytes=app.config["CACHE_LOCAL_BYTES"],
         per_user=app.config["CACHE_SCOPE"] == "user",
-        **extra,
     )
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
     from app import health

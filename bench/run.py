@@ -85,7 +85,6 @@ class Plan:
     threads: int  # wrk threads: one keeps the load generator's share of a small machine's CPU down
     backend: str
     py_spy: bool
-    cache_layers: bool = False  # TEMPORARY (issue 9): only the two cache layers, side by side
 
 
 class Bench:
@@ -285,24 +284,11 @@ def check_sibyl(bench: Bench, server: Gunicorn, model: dict) -> None:
 def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitStack) -> None:
     """Start and check every server, then run each scenario on all of them back to back."""
     lineup = []  # (server, model name or None for the ceilings)
-    if bench.plan.cache_layers:
-        # TEMPORARY (issue 9): the hand-written and the plain redis-py layer, no local tier, so every scenario
-        # (hits included) goes to Redis.
-        for name, model in models.items():
-            for layer in os.environ.get("BENCH_LAYERS", "hand,plain").split(","):
-                env = bench.env(MODEL_PATH=str(model["path"]), SIBYL_CACHE_LAYER=layer, CACHE_LOCAL_ENTRIES="0")
-                if layer == "hand0":  # the hand-written layer sending each store at once
-                    env |= {"SIBYL_CACHE_LAYER": "hand", "CACHE_STORE_DELAY_MS": "0"}
-                if layer == "handsync":  # ... and reading its reply before answering
-                    env |= {"SIBYL_CACHE_LAYER": "hand", "CACHE_STORE_DELAY_MS": "0", "SIBYL_CACHE_SYNC": "1"}
-                server = stack.enter_context(serving(f"sibyl-{layer}", "wsgi:app", bench.workdir, env))
-                check_sibyl(bench, server, model)
-                lineup.append((server, name))
-    for name, target in CEILINGS if not bench.plan.cache_layers else ():
+    for name, target in CEILINGS:
         server = stack.enter_context(serving(name, target, bench.workdir, bench.env()))
         bench.check(server, random_body(np.random.default_rng(2), 2), [0])
         lineup.append((server, None))
-    for name, model in models.items() if not bench.plan.cache_layers else ():
+    for name, model in models.items():
         env = bench.env(MODEL_PATH=str(model["path"]))
         naive = stack.enter_context(serving("naive", "bench.naive:app", bench.workdir, env))
         bench.check(naive, model["body"], model["expected"])
@@ -317,13 +303,9 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
     # Per scenario, every server runs in turn, `rounds` times over, and keeps its median run: a slow spell
     # on a shared machine (throughput here swings 2x between minutes) hits Sibyl and what it is compared
     # with alike. Only Sibyl has a cache, so only Sibyl runs the hit shape.
-    only = os.environ.get("BENCH_SHAPES")  # TEMPORARY (issue 9): e.g. "100-row miss,1000-row miss"
-    for shape in [s for s in SHAPES if not only or s.name in only.split(",")]:
+    for shape in SHAPES:
         for c in bench.plan.concurrencies:
-            turn = [
-                (s, name) for s, name in lineup if s.name.startswith("sibyl-") or s.name == "sibyl" or not shape.hit
-            ]
-            turn = [(s, name) for s, name in turn if s.name != "sibyl-nocache" or not shape.hit]
+            turn = [(s, name) for s, name in lineup if s.name == "sibyl" or not shape.hit]
             rounds = [[] for _ in turn]
             for i in range(bench.plan.rounds):
                 for j in _rotated(range(len(turn)), i):
@@ -401,9 +383,6 @@ def run(plan: Plan, workdir: Path) -> dict:
     results["in_process"] = {name: in_process(m["path"], plan) for name, m in models.items()}
     with contextlib.ExitStack() as stack:
         measure(bench, models, results, stack)
-    if plan.cache_layers:
-        results["runs"] = bench.runs
-        return results
     print("bench: where the time goes (Sibyl with LOG_LEVEL=DEBUG)...")
     for name, model in models.items():
         with serving("sibyl", "wsgi:app", workdir, bench.env(MODEL_PATH=str(model["path"]), LOG_LEVEL="DEBUG")) as s:
@@ -423,7 +402,6 @@ def parse_args(argv: list[str] | None) -> Plan:
     p.add_argument("--rounds", type=int, help="interleaved runs per server and scenario, median kept (default 3)")
     p.add_argument("--backend", default="auto", choices=("auto", "sklearn", "onnx"), help="Sibyl's INFERENCE_BACKEND")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1: leaves the cores to servers)")
-    p.add_argument("--cache-layers", action="store_true", help="TEMPORARY: hand-written vs plain cache layer only")
     p.add_argument("--py-spy", action="store_true", help="also record py-spy flame graphs of one worker, if installed")
     a = p.parse_args(argv)
     seconds = a.duration or (2 if a.quick else 4)
@@ -431,35 +409,14 @@ def parse_args(argv: list[str] | None) -> Plan:
         seconds=seconds,
         warmup=1,
         rounds=a.rounds or (1 if a.quick else 3),
-        concurrencies=(8,) if a.quick or os.environ.get("BENCH_C8") else (8, 32),  # TEMPORARY (issue 9): BENCH_C8
+        concurrencies=(8,) if a.quick else (8, 32),
         debug_seconds=min(seconds, 3),
         debug_concurrency=8,
         repeat=20 if a.quick else 50,
         threads=a.wrk_threads,
         backend=a.backend,
         py_spy=a.py_spy,
-        cache_layers=a.cache_layers,
     )
-
-
-def layers_table(results: dict) -> str:
-    """TEMPORARY (issue 9): median req/s of each scenario for both cache layers and their ratio, as Markdown."""
-    runs = {(r["server"], r["model"], r["shape"], r["concurrency"]): r for r in results["runs"]}
-    lines = [
-        f"(sibyl-{os.environ.get('BENCH_BASE', 'hand')} vs sibyl-{os.environ.get('BENCH_VERSUS', 'plain')})",
-        "| Model | Scenario | c | hand-written req/s (rounds) | plain req/s (rounds) | hand / plain |",
-        "|---|---|---|---|---|---|",
-    ]
-    other = os.environ.get("BENCH_VERSUS", "plain")
-    base = os.environ.get("BENCH_BASE", "hand")
-    for (server, model, shape, c), hand in runs.items():
-        if server == f"sibyl-{base}" and (plain := runs.get((f"sibyl-{other}", model, shape, c))):
-            rounds = lambda r: " / ".join(f"{x:.0f}" for x in r["rounds_req_s"])  # noqa: E731
-            lines.append(
-                f"| {model} | {shape} | {c} | {hand['req_s']:.0f} ({rounds(hand)}) | {plain['req_s']:.0f} "
-                f"({rounds(plain)}) | {hand['req_s'] / plain['req_s']:.2f} |"
-            )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,10 +436,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; every process it started is stopped", file=sys.stderr)
         return 130
-    if plan.cache_layers:
-        print("\n" + layers_table(results))
-        Path("/tmp/sibyl-cache-layers.json").write_text(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
-        return 0
     table = report.write(results, RESULTS)
     print("\n" + table)
     print(f"bench: wrote results.json, table.md and chart.png in {RESULTS.relative_to(ROOT)}/")
