@@ -187,9 +187,6 @@ class Config:
     CACHE_SCOPE = _setting("CACHE_SCOPE", "shared", choice("shared", "user"))
     # Redis must answer within this, or the request is served uncached.
     CACHE_TIMEOUT_MS = _setting("CACHE_TIMEOUT_MS", "50", number(minimum=1))
-    # A miss's store waits up to this long to share one write with the worker's next Redis call, saving a send
-    # and a Redis wake-up per miss; a background thread sends what waited this long (0: send each at once).
-    CACHE_STORE_DELAY_MS = _setting("CACHE_STORE_DELAY_MS", "50", number(float))
     # After a Redis failure, skip the cache this long before probing again.
     CACHE_RETRY_SECONDS = _setting("CACHE_RETRY_SECONDS", "5", number(float))
 

@@ -103,10 +103,3 @@ def post_worker_init(worker):
     if registry is not None:  # other WSGI apps (the benchmark's ceilings) share this file
         for model in registry.loaded():
             model.backend.warm()
-
-
-def worker_exit(server, worker):
-    """Send the cache stores this worker still holds (each waits briefly to share a write with the next call)."""
-    cache = getattr(worker.wsgi, "extensions", {}).get("sibyl.cache")
-    if cache is not None:
-        cache.flush()

@@ -31,7 +31,6 @@ def create_app(config: dict | None = None) -> Flask:
         timeout_ms=app.config["CACHE_TIMEOUT_MS"],
         retry_seconds=app.config["CACHE_RETRY_SECONDS"],
         local_entries=app.config["CACHE_LOCAL_ENTRIES"],
-        store_delay_ms=app.config["CACHE_STORE_DELAY_MS"],
         local_bytes=app.config["CACHE_LOCAL_BYTES"],
         per_user=app.config["CACHE_SCOPE"] == "user",
     )

@@ -6,11 +6,9 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
-import hiredis
 import numpy as np
 import orjson
 import redis
@@ -21,16 +19,10 @@ from redis.retry import Retry
 log = logging.getLogger(__name__)
 
 
-# A batch's store: KEYS are the rows' keys; ARGV[1] is the TTL and ARGV[i + 1] the value for KEYS[i]. Sent with
-# EVAL (Redis caches the compiled script by its digest), so a restarted Redis never answers NOSCRIPT to a store
-# nobody waits for. One row is a plain SET, which costs Redis a third of the script's time.
-_STORE_SCRIPT = b"for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end"
-# Stores of more rows than this are sent at once: Redis takes about 2 us a row to run one, and a lookup
-# queued behind it in the same write would wait that long, for a saving of one send (about 50 us).
-_QUEUE_MAX_ROWS = 16
-# Store replies a connection may owe before a store reads them: bounds what a run of lookup-free requests
-# (Cache-Control: no-cache) leaves in the socket.
-_MAX_UNREAD = 32
+# A batch's store: KEYS are the rows' keys; ARGV[1] is the TTL and ARGV[i + 1] the value for KEYS[i]. One EVAL
+# (Redis caches the compiled script by its digest, and a restarted Redis never answers NOSCRIPT): redis-py spends
+# 8.8 ms of CPU on a 1000-SET pipeline against 1.5 ms on this one command (docs/benchmark.md).
+_STORE_SCRIPT = "for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end"
 # A stored value is "<expiry: unix time in ms, 13 digits> <answer as JSON>". A worker that fetches it keeps its
 # local copy until then, so the copy never outlives Redis's (which expires CACHE_TTL after the SET, a little later).
 _HEAD = len(b"1733090000123 ")
@@ -84,7 +76,6 @@ class PredictionCache:
         timeout_ms: int,
         retry_seconds: float,
         local_entries: int = 0,
-        store_delay_ms: float = 0,
         local_bytes: int = 64 * 1024 * 1024,
         per_user: bool = False,
     ) -> None:
@@ -92,8 +83,6 @@ class PredictionCache:
         self.ttl = ttl
         self.prefix = prefix
         self.timeout = timeout_ms / 1000
-        # How long a store may wait for this thread's next command to carry it (0: send each store at once).
-        self.store_delay = store_delay_ms / 1000
         self.enabled = bool(url)
         # CACHE_SCOPE=user: each user's rows have their own keys, so a HIT never says someone else sent the row.
         self.per_user = per_user
@@ -101,12 +90,8 @@ class PredictionCache:
         # writes (OOM under noeviction, a READONLY replica), where cached reads are still worth having.
         self._conn = _Breaker(retry_seconds)
         self._writes = _Breaker(retry_seconds)
-        self._pool = None
-        self._pid = None
-        self._links = threading.local()
-        self._link_set: weakref.WeakSet[_Link] = weakref.WeakSet()
-        self._flusher: _Flusher | None = None
-        self._flusher_lock = threading.Lock()
+        self._client: redis.Redis | None = None
+        self._pid: int | None = None
         # This worker's own copy of recent answers, so a repeated row costs no round trip. An answer is a pure
         # function of its key (model sha256, backend, kind, row), so a local copy is never wrong, only kept
         # no longer than Redis keeps it. Bounded in entries and in bytes (keys and stored values): a 1,000-class
@@ -188,7 +173,7 @@ class PredictionCache:
         return values, True
 
     def store(self, items: list[tuple[str, object]]) -> None:
-        """Keep fresh answers in this worker's memory and send them to Redis (its reply is read later)."""
+        """Keep fresh answers in this worker's memory and in Redis, stored before this returns."""
         send = self.usable() and self._writes.allows()
         if not items or not (send or self.local_entries):
             return  # checked before encoding: a dead Redis costs no work per request
@@ -220,11 +205,11 @@ class PredictionCache:
                 self._local_size -= len(key) + len(raw)
 
     def get_many(self, keys: list[str]) -> list[bytes | None] | None:
-        """Stored values in key order in one round trip, or None when Redis can't be used."""
+        """Stored values in key order in one MGET, or None when Redis can't be used."""
         if not self.usable():
             return None
         try:
-            values = self._call(b"MGET", *keys)
+            values = self._redis().mget(keys)
         except (redis.RedisError, OSError) as e:
             self._failed(self._conn, e)
             return None
@@ -232,168 +217,54 @@ class PredictionCache:
         return values
 
     def set_many(self, items: list[tuple[str, bytes]]) -> None:
-        """Store encoded answers with the TTL as one command, without waiting for its reply (read by this connection's
-        next call). A small store waits up to store_delay for that call to carry it in the same write, which
-        saves a send and a Redis wake-up per miss; the flusher sends it if no call comes. Failures only open
-        a breaker."""
+        """Store encoded answers with the TTL and wait for Redis's reply, so the next request on any worker finds
+        them: one SET for a row, one EVAL of _STORE_SCRIPT for a batch. Failures only open a breaker."""
         if not items or not self.usable() or not self._writes.allows():
             return
-        if len(items) == 1:
-            ((key, value),) = items
-            command = (b"SET", key, value, b"EX", self.ttl)
-        else:
-            keys, values = zip(*items)
-            command = (b"EVAL", _STORE_SCRIPT, len(keys), *keys, self.ttl, *values)
         try:
-            link = self._link()
-        except redis.RedisError as e:
+            if len(items) == 1:
+                ((key, value),) = items
+                self._redis().set(key, value, ex=self.ttl)
+            else:
+                keys, values = zip(*items)
+                self._redis().eval(_STORE_SCRIPT, len(keys), *keys, self.ttl, *values)
+        except redis.ResponseError as e:  # Redis answered, but refused the write (OOM, READONLY)
+            self._failed(self._writes, e)
+            return
+        except (redis.RedisError, OSError) as e:
             self._failed(self._conn, e)
             return
-        with link.lock:
-            try:
-                if link.unread + len(link.queued) >= _MAX_UNREAD:
-                    self._send(link)
-                    self._settle(link)
-                if not link.queued:
-                    link.since = time.monotonic()
-                link.queued.append(hiredis.pack_command(command))
-                if not self.store_delay or len(items) > _QUEUE_MAX_ROWS:
-                    self._send(link)
-            except (redis.RedisError, OSError) as e:
-                self._lost(link, e)
-                return
-        if link.queued:
-            self._flusher_for_this_process().wake()
-
-    def settle(self) -> None:
-        """Send this thread's queued stores and read the replies to all it sent: afterwards they are in Redis."""
-        try:
-            link = self._link()
-        except redis.RedisError as e:
-            self._failed(self._conn, e)
-            return
-        with link.lock:
-            try:
-                self._send(link)
-                self._settle(link)
-            except (redis.RedisError, OSError) as e:
-                self._lost(link, e)
+        self._succeeded(self._conn)
+        self._succeeded(self._writes)
 
     def check(self) -> str:
         """Probe Redis for /ready (respecting the back-off) and return the state."""
         if self.usable():
             try:
-                self._call(b"PING")
+                self._redis().ping()
                 self._succeeded(self._conn)
             except (redis.RedisError, OSError) as e:
                 self._failed(self._conn, e)
         return self.state
 
-    def _link(self) -> "_Link":
-        """This thread's connection; made after fork, so workers never share a socket. Any failure to set it up
+    def _redis(self) -> redis.Redis:
+        """This process's client; made after fork, so workers never share a socket. Any failure to set it up
         (a URL redis-py refuses, a bad TLS option) is a redis.ConnectionError: the cache is down, not the request."""
-        link = getattr(self._links, "link", None) if self._pid == os.getpid() else None
-        if link is not None:
-            return link
-        try:
-            if self._pid != os.getpid():
-                self._pool = redis.ConnectionPool.from_url(
+        if self._pid != os.getpid():
+            try:
+                self._client = redis.Redis.from_url(
                     self.url,
                     socket_timeout=self.timeout,
                     socket_connect_timeout=self.timeout,
-                    # No retries: one timeout per breaker period is all a dead Redis may cost.
+                    # No retries: one timeout per breaker period is all a dead Redis may cost. (A connection
+                    # the server closed while idle is still replaced at once: the pool checks it before use.)
                     retry=Retry(NoBackoff(), 0),
                     health_check_interval=0,
                 )
-                self._links = threading.local()
-                self._link_set = weakref.WeakSet()
-                self._flusher = None  # threads don't survive a fork
-                self._pid = os.getpid()
-            link = self._links.link = _Link(self._pool.make_connection())
-        except Exception as e:
-            raise redis.ConnectionError(f"cannot set up a Redis connection: {_describe(e)}") from e
-        self._link_set.add(link)  # weak: a finished thread's link goes with it
-        return link
-
-    def _flusher_for_this_process(self) -> "_Flusher":
-        """The thread that sends stores no request carried; started on first use in each process."""
-        if self._flusher is None:
-            with self._flusher_lock:
-                if self._flusher is None:
-                    self._flusher = _Flusher(self)
-                    self._flusher.start()
-        return self._flusher
-
-    def flush(self, waited: float = 0.0) -> bool:
-        """Send every thread's queued stores that have waited `waited` seconds (all of them by default, as a
-        worker exits); True while some are still waiting."""
-        now, waiting = time.monotonic(), False
-        for link in list(self._link_set):
-            if not link.queued:
-                continue
-            # A busy link's owner is talking to Redis and takes its queue along; try again next round.
-            if now - link.since < waited or not link.lock.acquire(blocking=False):
-                waiting = True
-                continue
-            try:
-                self._send(link)
-            except (redis.RedisError, OSError) as e:
-                self._lost(link, e)
-            finally:
-                link.lock.release()
-        return waiting
-
-    def _call(self, *args: bytes | str) -> object:
-        """One command and its reply, sent with this thread's queued stores, after the replies it still owes."""
-        link = self._link()
-        with link.lock:
-            while True:
-                try:
-                    self._send(link, hiredis.pack_command(args))
-                    self._settle(link)
-                    reply = link.conn.read_response()
-                except redis.ResponseError:
-                    raise  # an answer: the connection is fine
-                except (redis.RedisError, OSError) as e:
-                    if self._lost(link, e, report=False):
-                        continue  # reconnect once, as redis-py would
-                    raise
-                link.used = True
-                return reply
-
-    @staticmethod
-    def _send(link: "_Link", command: bytes = b"") -> None:
-        """Write the queued stores and then command, in one write; their replies are owed from then on."""
-        if link.queued or command:
-            # join returns a lone command itself: a big MGET is not copied when nothing is queued.
-            link.conn.send_packed_command([b"".join([*link.queued, command])])
-            link.unread += len(link.queued)
-            link.queued.clear()
-
-    def _settle(self, link: "_Link") -> None:
-        """Read the replies to earlier stores: a refused one opens the write breaker, an accepted one closes it."""
-        while link.unread:
-            try:
-                link.conn.read_response()
-            except redis.ResponseError as e:  # Redis answered, but refused the write (OOM, READONLY)
-                link.unread -= 1
-                self._failed(self._writes, e)
-                continue
-            link.unread -= 1
-            self._succeeded(self._writes)
-
-    def _lost(self, link: "_Link", e: Exception, report: bool = True) -> bool:
-        """Drop a connection that failed mid-conversation (its queued stores and unread replies with it), and
-        open the breaker unless the server had merely closed it while idle; True in that case (reconnect)."""
-        # One that answered before and now fails at once (not a timeout) was closed by a restart, a failover
-        # or Redis's `timeout`: not an outage, the next call reconnects.
-        stale = link.used and not isinstance(e, redis.TimeoutError)
-        link.conn.disconnect()
-        link.unread, link.used = 0, False
-        link.queued.clear()
-        if report and not stale:
-            self._failed(self._conn, e)
-        return stale
+            except Exception as e:
+                raise redis.ConnectionError(f"cannot set up a Redis connection: {_describe(e)}") from e
+            self._pid = os.getpid()
+        return self._client
 
     def _failed(self, breaker: _Breaker, e: Exception) -> None:
         """Open a breaker with a coarse reason, logging only the transition, with the detail."""
@@ -405,49 +276,6 @@ class PredictionCache:
         """Close a breaker, logging only the recovery."""
         if breaker.succeeded():
             log.warning("cache back up, caching resumed" if breaker is self._conn else "cache writes accepted again")
-
-
-class _Link:
-    """One thread's connection to Redis: stores not sent yet, and how many replies it has not read yet."""
-
-    def __init__(self, conn: redis.Connection) -> None:
-        self.conn = conn
-        self.unread = 0
-        self.used = False  # answered before: a later instant failure means the server dropped it
-        self.queued: list[bytes] = []  # packed store commands waiting for the next write
-        self.since = 0.0  # when the oldest of them was queued
-        self.lock = threading.Lock()  # the owning thread and the flusher both write to conn
-
-
-class _Flusher(threading.Thread):
-    """Sends stores that waited store_delay with no command to carry them (an idle worker's last misses).
-
-    Asleep while nothing waits; under load it wakes once per store_delay and finds the queues already sent."""
-
-    def __init__(self, cache: PredictionCache) -> None:
-        super().__init__(name="sibyl-cache-flusher", daemon=True)
-        self.cache = cache
-        self._wakeup = threading.Event()
-
-    def wake(self) -> None:
-        """Something was queued: make sure a round is coming (costs nothing when one already is)."""
-        if not self._wakeup.is_set():
-            self._wakeup.set()
-
-    def run(self) -> None:
-        """Sleep until woken, then send what waited long enough, for as long as anything waits."""
-        while True:
-            self._wakeup.wait()
-            time.sleep(self.cache.store_delay)
-            # Cleared before looking: a store queued during the round either is seen or sets the event again.
-            self._wakeup.clear()
-            try:
-                waiting = self.cache.flush(self.cache.store_delay)
-            except Exception:  # a dead flusher would leave every idle worker's last stores unsent, silently
-                log.exception("cache flusher failed; the stores it held go out with the next request")
-                waiting = False
-            if waiting:
-                self._wakeup.set()
 
 
 def _decode(raw: bytes) -> tuple[float, object]:

@@ -165,10 +165,9 @@ def test_cache_scope_names_precision_and_library_versions(iris_path, monkeypatch
 
 def test_cache_keys_carry_the_backend_scope(make_app, redis_url):
     """What Redis holds is keyed by the backend's full scope, not only its name."""
-    app = make_app(REDIS_URL=redis_url, CACHE_STORE_DELAY_MS=0)
+    app = make_app(REDIS_URL=redis_url)
     r = app.test_client().post("/predict", json={"features": [[5.1, 3.5, 1.4, 0.2]]}, headers=basic_auth())
     assert r.status_code == 200
-    app.extensions["sibyl.cache"].settle()
     scope = served_model(app).backend.scope
     keys = redis.Redis.from_url(redis_url).keys("*")
     assert keys and all(f":{scope}:".encode() in k for k in keys)

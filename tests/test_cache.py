@@ -20,7 +20,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from app.cache import PredictionCache
 from app.registry import save_model
-from tests.support.servers import json_lines, requests_in, wait_for_keys
+from tests.support.servers import json_lines, requests_in
 
 ROW_A, ROW_B = IRIS_ROWS
 ROW_C, ROW_D = [5.9, 3.0, 4.2, 1.5], [6.3, 2.5, 5.0, 1.9]
@@ -52,14 +52,9 @@ class Service:
         url = app.config["REDIS_URL"]
         self._redis = redis.Redis.from_url(url, socket_timeout=2) if url else None
 
-    def settle(self) -> None:
-        """Wait for the replies to the app's stores (they are sent without waiting), so Redis holds them."""
-        self.app.extensions["sibyl.cache"].settle()
-
     @property
     def redis(self) -> redis.Redis:
-        """A client on the service's Redis database, once every store sent so far has landed."""
-        self.settle()
+        """A client on the service's Redis database (stores land before their response leaves)."""
         return self._redis
 
     def predict(self, rows, proba: bool = False, headers: dict | None = None):
@@ -127,48 +122,18 @@ def test_partial_batch_predicts_only_missing_rows(make_service, capsys):
     assert (line["cache"], line["cache_hits"], line["rows"]) == ("PARTIAL", 2, 4)
 
 
-@pytest.mark.parametrize("delay_ms", [0, 60_000], ids=["store-sent-at-once", "store-rides-with-next-call"])
-def test_batch_waits_for_one_round_trip_and_stores_in_one_command_with_ttl(
-    make_service, redis_server, monkeypatch, delay_ms
-):
-    """A batch sends one MGET and one store command whatever its size, and waits only for the MGET's reply.
-    The store's reply is read by the connection's next call; with a store delay the store itself also rides
-    in that call's write, so a miss costs Redis one read and one write."""
-    svc = make_service(CACHE_TTL=600, CACHE_STORE_DELAY_MS=delay_ms)
-    svc.predict([ROW_A])  # opens the connection (its handshake would count) and caches one row
-    svc.settle()
+def test_batch_costs_one_mget_and_one_store_command_and_is_in_redis_when_answered(make_service, redis_server):
+    """A batch looks every row up with one MGET and stores its misses with CACHE_TTL in one command (an EVAL
+    whose script SETs each row); every stored row is in Redis by the time the response is answered."""
+    svc = make_service(CACHE_TTL=600)
+    svc.predict([ROW_A])
     stats_client = redis_server.client()
     stats_client.config_resetstat()
-    writes, reads = [], []
-    real_send, real_read = redis.Connection.send_packed_command, redis.Connection.read_response
-    ours = svc.app.extensions["sibyl.cache"]._links.link.conn  # this thread's connection, not stats_client's
-
-    def counting_send(self, command, check_health=True):
-        if self is ours:
-            writes.append(b"".join(command))  # one write to the socket
-        return real_send(self, command, check_health)
-
-    def counting_read(self, *args, **kwargs):
-        if self is ours:
-            reads.append(1)  # one reply waited for
-        return real_read(self, *args, **kwargs)
-
-    monkeypatch.setattr(redis.Connection, "send_packed_command", counting_send)
-    monkeypatch.setattr(redis.Connection, "read_response", counting_read)
     resp = svc.predict([ROW_A, ROW_B, ROW_C, ROW_D])
     assert cache_header(resp) == ("PARTIAL", "1")
-    assert len(reads) == 1  # only the MGET's reply was waited for
-    if delay_ms:
-        assert len(writes) == 1  # the MGET; the store waits for the next call
-        assert stats_client.dbsize() == 1
-        assert cache_header(svc.predict([ROW_B])) == ("HIT", "1")
-        assert len(writes) == 2 and writes[1].index(b"EVAL") < writes[1].index(b"MGET")  # one write, both
-        assert len(reads) == 3  # the store's reply, then the MGET's
-    else:
-        assert len(writes) == 2  # the MGET, then the whole store at once
-    svc.settle()
-    monkeypatch.undo()
+    assert stats_client.dbsize() == 4  # no waiting: the store finished before the response
     stats = stats_client.info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 1
     assert stats["cmdstat_eval"]["calls"] == 1
     assert stats["cmdstat_set"]["calls"] == 3
     assert not {"cmdstat_get", "cmdstat_expire", "cmdstat_multi", "cmdstat_exec"} & set(stats)
@@ -177,47 +142,21 @@ def test_batch_waits_for_one_round_trip_and_stores_in_one_command_with_ttl(
     assert all(0 < t <= 600 for t in ttls)
 
 
-def test_big_batch_store_is_sent_at_once(make_service, redis_server):
-    """A store of many rows doesn't wait for a next call: a lookup behind it would wait for Redis to run it."""
-    svc = make_service(CACHE_STORE_DELAY_MS=60_000)
-    rows = [[5.0, 3.0, 1.0 + i / 100, 0.2] for i in range(17)]
-    assert cache_header(svc.predict(rows)) == ("MISS", "0")
-    assert wait_for_keys(redis_server.client(), 17) == 17
-
-
-def test_flusher_survives_an_unexpected_error(make_service, redis_server, monkeypatch, capsys):
-    """An error inside the flusher is logged, and the flusher goes on sending later stores."""
-    svc = make_service(CACHE_STORE_DELAY_MS=20)
-    cache = svc.app.extensions["sibyl.cache"]
-    real_flush, calls = cache.flush, []
-
-    def flaky_flush(waited: float = 0.0) -> bool:
-        calls.append(waited)
-        if len(calls) == 1:
-            raise RuntimeError("boom")
-        return real_flush(waited)
-
-    monkeypatch.setattr(cache, "flush", flaky_flush)
-    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
-    deadline = time.monotonic() + 10
-    while not calls and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert cache_header(svc.predict([ROW_B])) == ("MISS", "0")  # carries ROW_A's store; ROW_B's waits
-    assert wait_for_keys(redis_server.client(), 2) == 2
-    assert "cache flusher failed" in capsys.readouterr().out
-
-
-def test_idle_workers_stores_are_sent_after_the_store_delay(make_service, redis_server):
-    """A store no later request carries is sent once it has waited CACHE_STORE_DELAY_MS: an idle worker's last
-    answers still reach the other workers."""
-    svc = make_service(CACHE_STORE_DELAY_MS=20)
-    assert cache_header(svc.predict([ROW_A, ROW_B])) == ("MISS", "0")
-    assert cache_header(svc.predict([ROW_C])) == ("MISS", "0")
-    assert wait_for_keys(redis_server.client(), 3) == 3  # the flusher needs about 20-40 ms
+def test_answered_row_is_a_hit_for_the_next_request_on_another_worker(make_service):
+    """A row one worker answered is in Redis before its response leaves: another worker's very next request for
+    it is a HIT, and a batch holding it a PARTIAL, with no wait in between."""
+    svc, other = make_service(), make_service()  # two workers' caches (no local tier) on one Redis
+    first = svc.predict([ROW_A])
+    assert cache_header(first) == ("MISS", "0")
+    again = other.predict([ROW_A])
+    assert cache_header(again) == ("HIT", "1")
+    assert again.data == first.data
+    assert cache_header(other.predict([ROW_A, ROW_B])) == ("PARTIAL", "1")
+    assert other.backend.calls and len(other.backend.calls) == 1
 
 
 def test_threads_never_read_each_others_replies(make_service):
-    """Threaded workers: each thread has its own connection and its own unread store replies, so threads
+    """Threaded workers share one client (its pool lends each command a connection of its own), so threads
     mixing misses, hits, batches and probabilities all get the uncached answers."""
     svc, reference = make_service(), make_service(CACHE_ENABLED=False)
     rng = random.Random(7)
@@ -253,29 +192,18 @@ def test_threads_never_read_each_others_replies(make_service):
     assert {"HIT", "MISS", "PARTIAL"} <= set(outcomes)
 
 
-def test_unread_store_replies_stay_bounded(make_service):
-    """Requests that store without looking up (no-cache) don't let unread replies pile up; every store lands."""
-    svc = make_service()
-    rows = [[5.0, 3.0, 1.0 + i / 100, 0.2] for i in range(80)]
-    for row in rows:
-        assert svc.predict([row], headers={"Cache-Control": "no-cache"}).headers["X-Cache"] == "BYPASS"
-    assert svc.app.extensions["sibyl.cache"]._links.link.unread <= 32
-    assert len(svc.stored_keys()) == 80
-
-
 def test_redis_restart_between_requests_reconnects_without_a_miss_of_service(make_service, own_redis, capsys):
     """A Redis that restarted while the worker was idle (its old connection now dead) is reconnected at once:
     the next request is cached as usual, not served uncached for a breaker period."""
     server = own_redis()
     svc = make_service(REDIS_URL=server.url, CACHE_RETRY_SECONDS=60)
     assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
-    svc.settle()
     server.stop()
     server.start()
     assert cache_header(svc.predict([ROW_B])) == ("MISS", "0")
     assert cache_header(svc.predict([ROW_B])) == ("HIT", "1")
-    # Again with a store's reply still owed when Redis went away: that store is lost, nothing else.
-    assert cache_header(svc.predict([ROW_C])) == ("MISS", "0")
+    # Again right after a batch's store, so the restart finds the connection just used.
+    assert cache_header(svc.predict([ROW_C, ROW_A])) == ("MISS", "0")
     server.stop()
     server.start()
     assert cache_header(svc.predict([ROW_D])) == ("MISS", "0")
@@ -364,7 +292,6 @@ def test_different_model_file_misses_on_same_rows(make_service, make_model):
     assert cache_header(linear.predict(rows)) == ("HIT", "2")
     assert cache_header(tree.predict(rows)) == ("MISS", "0")
     assert len(tree.backend.calls) == 1
-    tree.settle()  # its store is still waiting for tree's next call
     keys = linear.stored_keys()
     assert len(keys) == 4
     for svc in (linear, tree):
@@ -530,8 +457,7 @@ def test_refused_writes_keep_serving_hits(make_service, own_redis, capsys):
     """Redis that reads but refuses writes (OOM, READONLY) still serves hits, stores nothing, and logs once."""
     server = own_redis()
     svc = make_service(REDIS_URL=server.url, CACHE_RETRY_SECONDS=60)
-    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
-    svc.settle()  # ROW_A is stored before the limit
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")  # stored before the limit
     admin = server.client()
     admin.config_set("maxmemory-policy", "noeviction")
     admin.config_set("maxmemory", 1)
@@ -564,13 +490,13 @@ def test_redis_restart_resumes_caching_and_logs_one_back_up_line(make_service, o
     assert sum("cache back up" in line for line in out) == 1
 
 
-def test_redis_freezing_with_a_store_unread_costs_one_timeout(make_service, own_redis, capsys):
-    """Redis stops answering while a store's reply is still owed: the next request waits one CACHE_TIMEOUT_MS
-    for it, is served uncached, and the breaker spares the following ones; caching resumes after a thaw."""
+def test_frozen_redis_costs_one_timeout_per_breaker_period(make_service, own_redis, capsys):
+    """Redis frozen (SIGSTOP) between requests: the next request waits one CACHE_TIMEOUT_MS, is served uncached,
+    and the breaker spares the following ones; caching resumes after a thaw."""
     server = own_redis()
     timeout = 0.2
     svc = make_service(REDIS_URL=server.url, CACHE_TIMEOUT_MS=int(timeout * 1000), CACHE_RETRY_SECONDS=0.5)
-    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")  # its store's reply is read by the next call
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
     os.kill(server.proc.pid, signal.SIGSTOP)
     try:
         waits = []
@@ -587,6 +513,26 @@ def test_redis_freezing_with_a_store_unread_costs_one_timeout(make_service, own_
     time.sleep(0.6)  # the breaker period ends; the next request probes a Redis that answers again
     outcomes = [svc.predict([ROW_A]).headers["X-Cache"] for _ in range(2)]
     assert outcomes[-1] == "HIT"
+    out = capsys.readouterr().out
+    assert out.count("cache down") == 1 and out.count("cache back up") == 1
+
+
+def test_slow_redis_serves_uncached_and_its_late_replies_never_answer_later_requests(make_service, own_redis, capsys):
+    """Redis answering after CACHE_TIMEOUT_MS (CLIENT PAUSE) is a miss served uncached, not an error; once it
+    is quick again, answers are right (a late reply is never read as another command's) and caching resumes."""
+    server = own_redis()
+    svc = make_service(REDIS_URL=server.url, CACHE_TIMEOUT_MS=100, CACHE_RETRY_SECONDS=0.2)
+    truth = make_service(CACHE_ENABLED=False).predict([ROW_A, ROW_B]).json
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
+    server.client().execute_command("CLIENT", "PAUSE", 400, "ALL")  # every command waits 400 ms
+    slow = svc.predict([ROW_B])
+    assert (slow.status_code, slow.headers["X-Cache"]) == (200, "OFF")
+    assert slow.json["predictions"] == truth["predictions"][1:]
+    time.sleep(0.5)  # the pause and the breaker period end
+    resp = svc.predict([ROW_A, ROW_B])
+    assert cache_header(resp) == ("PARTIAL", "1")  # ROW_A from Redis; ROW_B was not stored during the pause
+    assert resp.json == truth
+    assert cache_header(svc.predict([ROW_B])) == ("HIT", "1")
     out = capsys.readouterr().out
     assert out.count("cache down") == 1 and out.count("cache back up") == 1
 
@@ -708,7 +654,6 @@ def test_local_tier_is_filled_from_redis_hits(make_service, own_redis):
     server = own_redis()
     other = make_service(REDIS_URL=server.url)  # "another worker" (no local tier) stores it
     other.predict([ROW_C])
-    other.settle()
     svc = make_service(REDIS_URL=server.url, CACHE_LOCAL_ENTRIES=100)
     assert cache_header(svc.predict([ROW_C])) == ("HIT", "1")
     before = mget_calls(server)
@@ -831,7 +776,6 @@ def test_no_store_keeps_nothing_in_redis_or_memory(make_service, header):
     assert svc.stored_keys() == []
     assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")  # still not cached by the requests before
     other.predict([ROW_B])  # another worker stores ROW_B
-    other.settle()
     if outcome == "MISS":  # a lookup still happens: rows already stored are served
         assert cache_header(svc.predict([ROW_B], headers=no_store)) == ("HIT", "1")
     svc.redis.delete(*[k for k in svc.stored_keys() if k in other.stored_keys()])

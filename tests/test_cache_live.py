@@ -1,14 +1,13 @@
 """The prediction cache under real gunicorn workers and a real redis-server: shared hits, outages, recovery."""
 
 import random
-import signal
 import threading
 import time
 
 import requests
 from conftest import IRIS_ROWS
 
-from tests.support.servers import tcp_sockets, wait_for_keys
+from tests.support.servers import tcp_sockets
 
 # Rows the load run repeats (so some answers come from the cache) beside unique random ones.
 REPEATED = [*IRIS_ROWS, [5.9, 3.0, 4.2, 1.5], [6.3, 2.5, 5.0, 1.9]]
@@ -20,20 +19,23 @@ def served_by(server, request_id: str) -> dict:
     return line
 
 
-def test_workers_share_cached_rows(live_server, redis_server, redis_url):
-    """A row one worker predicted is a hit in the other: the cache is Redis, reached from each forked worker.
-    The worker that predicted it goes idle, so its store is sent by the flusher, not by a next request."""
+def test_answered_row_is_a_hit_for_the_next_request_on_the_other_worker(live_server, redis_server, redis_url):
+    """A row one worker answered is in Redis before its response leaves: the other worker's very next request for
+    it is a HIT (from Redis: that worker never saw the row), and a batch holding it a PARTIAL. No wait anywhere:
+    each held request is taken by one worker, the row's request by the other, then the held one completes."""
     server = live_server(env={"REDIS_URL": redis_url, "CACHE_TIMEOUT_MS": "1000"}, workers=2)
     watcher = redis_server.client()
-    for n, row in enumerate(REPEATED[:2]):
-        # Hold one worker on the row's request while the other predicts and stores it; then let the first go on.
-        held = server.held_predict({"features": [row]}, headers={"X-Request-ID": f"held-{n}"})
-        warm = server.predict({"features": [row]}, headers={"X-Request-ID": f"warm-{n}"})
-        assert warm.headers["X-Cache"] == "MISS"
-        assert wait_for_keys(watcher, n + 1) == n + 1  # the idle worker's flusher sent the store
+    for n, (row, batch) in enumerate(((REPEATED[0], False), (REPEATED[1], True))):
+        rows = [row, REPEATED[2 + n]] if batch else [row]
+        held = server.held_predict({"features": rows}, headers={"X-Request-ID": f"held-{n}"})
+        answered = server.predict({"features": [row]}, headers={"X-Request-ID": f"answered-{n}"})
+        assert answered.headers["X-Cache"] == "MISS"
+        assert watcher.dbsize() == n + 1  # stored before the response left
         status, headers, body = held.finish()
-        assert (status, headers["X-Cache"], body) == (200, "HIT", warm.content)
-        assert served_by(server, f"held-{n}")["pid"] != served_by(server, f"warm-{n}")["pid"]
+        assert (status, headers["X-Cache"], headers["X-Cache-Hits"]) == (200, "PARTIAL" if batch else "HIT", "1")
+        if not batch:
+            assert body == answered.content
+        assert served_by(server, f"held-{n}")["pid"] != served_by(server, f"answered-{n}")["pid"]
 
     # Each worker opened its own connection after the fork; the master (which loaded the app) holds none.
     workers = {x["pid"] for x in server.request_lines()}
@@ -122,13 +124,3 @@ def test_redis_outage_under_load_serves_uncached_and_recovers(live_server, own_r
     up = sum(m.startswith("cache back up") for m in messages)
     assert 1 <= down <= 2
     assert up == down
-
-
-def test_stopping_worker_sends_its_waiting_stores(live_server, redis_server, redis_url):
-    """A store still waiting for a next call (here: a minute) is sent when gunicorn stops the worker gracefully."""
-    server = live_server(env={"REDIS_URL": redis_url, "CACHE_STORE_DELAY_MS": "60000"}, workers=1)
-    assert server.predict({"features": REPEATED[:2]}).headers["X-Cache"] == "MISS"
-    assert redis_server.client().dbsize() == 0  # waiting in the worker
-    server.stop(signal.SIGTERM)
-    assert server.proc.returncode == 0
-    assert redis_server.client().dbsize() == 2

@@ -60,7 +60,7 @@ def test_bad_mapping_value_stops_create_app(make_app, name, value, why):
     ("setting", "value", "message"),
     [
         ("CACHE_TTL", 0, "CACHE_TTL=0 must be a whole number >= 1"),
-        ("CACHE_STORE_DELAY_MS", -1, "CACHE_STORE_DELAY_MS=-1 must be a number >= 0"),
+        ("CACHE_RETRY_SECONDS", -1, "CACHE_RETRY_SECONDS=-1 must be a number >= 0"),
         ("MAX_ROWS", True, "MAX_ROWS=True must be a whole number >= 1"),
         ("MAX_CONTENT_LENGTH", 2.5, "MAX_BODY_BYTES=2.5 must be a whole number >= 1"),
         ("CACHE_ENABLED", 1, "CACHE_ENABLED=1 must be true or false (a bool, or 1/0, true/false, yes/no, on/off)"),

@@ -99,8 +99,8 @@ def await_redis(proc: subprocess.Popen, client: redis.Redis, timeout: float = 15
 
 
 def wait_for_keys(client: redis.Redis, n: int) -> int:
-    """Redis's key count once it reaches n, or after 10 s of trying: Sibyl sends its stores without waiting,
-    and an idle worker's last ones after CACHE_STORE_DELAY_MS."""
+    """Redis's key count once it reaches n, or after 10 s of trying (Sibyl stores a miss before answering, so
+    a working cache reaches n at once)."""
     deadline = time.monotonic() + 10
     while client.dbsize() < n and time.monotonic() < deadline:
         time.sleep(0.01)
