@@ -23,8 +23,7 @@ def create_app(config: dict | None = None) -> Flask:
     request_log.init_app(app)
     errors.init_app(app)
     auth.init_app(app)
-    app.extensions["sibyl.registry"] = load_registry(app.config)
-    app.extensions["sibyl.cache"] = PredictionCache(
+    cache = app.extensions["sibyl.cache"] = PredictionCache(
         app.config["REDIS_URL"] if app.config["CACHE_ENABLED"] else "",
         ttl=app.config["CACHE_TTL"],
         prefix=app.config["CACHE_PREFIX"],
@@ -34,6 +33,8 @@ def create_app(config: dict | None = None) -> Flask:
         local_bytes=app.config["CACHE_LOCAL_BYTES"],
         per_user=app.config["CACHE_SCOPE"] == "user",
     )
+    # CACHE_POLICY=auto weighs each model's predict cost against this Redis round trip.
+    app.extensions["sibyl.registry"] = load_registry(app.config, cache.round_trip)
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
     from app import admin, health
     from app.protocols import native

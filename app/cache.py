@@ -134,8 +134,11 @@ class PredictionCache:
         blake = hashlib.blake2b
         return [head + blake(data[i : i + width], digest_size=16).hexdigest() for i in range(0, len(data), width)]
 
-    def lookup(self, keys: list[str], valid: Callable[[object], bool], remember: bool = True) -> tuple[list, bool]:
-        """Answers for keys (None where absent) from this worker's memory, then Redis; and whether Redis answered.
+    def lookup(
+        self, keys: list[str], valid: Callable[[object], bool], remember: bool = True, shared: bool = True
+    ) -> tuple[list, bool]:
+        """Answers for keys (None where absent) from this worker's memory, then Redis unless shared is False (a
+        model whose cache policy keeps it out of Redis); and whether the tiers asked answered.
 
         A stored value that doesn't decode, or that `valid` rejects (another version's format), is a miss. Rows
         fetched from Redis are kept locally unless remember is False (Cache-Control: no-store).
@@ -155,7 +158,7 @@ class PredictionCache:
                     pass
             else:
                 missing.append(i)
-        if not missing:
+        if not missing or not shared:
             return values, True
         stored = self.get_many([keys[i] for i in missing])
         if stored is None:
@@ -172,9 +175,9 @@ class PredictionCache:
             self._remember(found)
         return values, True
 
-    def store(self, items: list[tuple[str, object]]) -> None:
-        """Keep fresh answers in this worker's memory and in Redis, stored before this returns."""
-        send = self.usable() and self._writes.allows()
+    def store(self, items: list[tuple[str, object]], shared: bool = True) -> None:
+        """Keep fresh answers in this worker's memory and (when shared) in Redis, stored before this returns."""
+        send = shared and self.usable() and self._writes.allows()
         if not items or not (send or self.local_entries):
             return  # checked before encoding: a dead Redis costs no work per request
         # The concatenation copies each answer out of orjson's 1 KiB buffer: kept alive by the thousand (a batch's
@@ -236,6 +239,21 @@ class PredictionCache:
             return
         self._succeeded(self._conn)
         self._succeeded(self._writes)
+
+    def round_trip(self, probes: int = 15) -> float | None:
+        """Seconds one Redis round trip takes here (the median PING), or None when Redis can't be used now."""
+        times = []
+        for _ in range(probes):
+            if not self.usable():
+                return None
+            start = time.perf_counter()
+            try:
+                self._redis().ping()
+            except (redis.RedisError, OSError) as e:
+                self._failed(self._conn, e)
+                return None
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
 
     def check(self) -> str:
         """Probe Redis for /ready (respecting the back-off) and return the state."""

@@ -37,8 +37,9 @@ def predict(
     this worker; user, the caller, scopes the keys when CACHE_SCOPE=user.
     """
     t0 = perf_counter()
-    # The model's cache policy is read here and nowhere else: off means no cache at all; auto is served as on.
-    if not cache.enabled or model.cache_policy == "off":
+    # The model's cache tiers are read here and nowhere else: off, local (this worker's memory), redis (then Redis).
+    tiers = model.cache_tiers
+    if tiers == "off" or not cache.enabled:
         keys, stored, redis_ok = None, None, False
     else:
         # Answers depend on the artifact, the backend that computed them (its precision and library versions)
@@ -46,7 +47,8 @@ def predict(
         keys = cache.keys(f"{model.sha256[:16]}:{model.backend.scope}:{'p' if proba else 'l'}", X, user)
         valid = _valid_proba if proba else _valid_label
         # A bypass predicts every row, as a cache that holds nothing would (its outcome is BYPASS regardless).
-        stored, redis_ok = cache.lookup(keys, valid, remember=store) if lookup else (None, False)
+        shared = tiers == "redis"
+        stored, redis_ok = cache.lookup(keys, valid, store, shared) if lookup else (None, False)
     t1 = perf_counter()
 
     if stored is None:
@@ -60,7 +62,7 @@ def predict(
     t2 = perf_counter()
 
     if keys and missing and store:
-        cache.store([(keys[i], rows[i]) for i in missing])
+        cache.store([(keys[i], rows[i]) for i in missing], shared)
     t3 = perf_counter()
 
     if not lookup and keys:

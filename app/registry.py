@@ -8,7 +8,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
@@ -42,8 +42,13 @@ class Model:
     aliases: list[str] = field(default_factory=list)
     # Seconds to verify, unpickle and choose the backend (compiling included): what a restart costs for this model.
     load_seconds: float = 0.0
-    # on | off | auto, from the manifest or CACHE_POLICY; pipeline.predict is the one place that reads it.
+    # on | off | auto, from the manifest or CACHE_POLICY; decide_cache turns it into cache_tiers, which
+    # pipeline.predict is the one place to read.
     cache_policy: str = "on"
+    # "redis" (the worker's memory, then Redis), "local" (the worker's memory only) or "off".
+    cache_tiers: str = "redis"
+    # What CACHE_POLICY=auto weighed, in microseconds: one row's predict cost and one Redis round trip.
+    cache_figures: dict = field(default_factory=dict)
 
     @cached_property
     def has_proba(self) -> bool:
@@ -72,6 +77,7 @@ class Model:
             "n_features": self.n_features,
             "backend": self.backend.name if self.backend else None,
             "cache_policy": self.cache_policy,
+            "cache": {"tiers": self.cache_tiers, **self.cache_figures},
             "load_seconds": round(self.load_seconds, 3),
             "sample_row": self.sample_row,
         }
@@ -343,7 +349,30 @@ class Registry:
         return [self.entries[name].describe() for name in sorted(self.entries)]
 
 
-def load_registry(config: Mapping) -> Registry:
+def decide_cache(models: list[Model], round_trip: Callable[[], float | None] | None) -> None:
+    """Turn each model's cache policy into the tiers it uses. auto keeps Redis only where predicting a row costs
+    more than the Redis round trip it would save (a compiled forest predicts in about 0.1 ms, less than one round
+    trip, so there Redis costs throughput); the worker's own memory is used for every policy but off. round_trip
+    measures Redis once, and only if some model's policy is auto."""
+    auto = [model for model in models if model.cache_policy == "auto"]
+    trip = round_trip() if auto and round_trip else None
+    for model in models:
+        if model.cache_policy != "auto":
+            model.cache_tiers = "off" if model.cache_policy == "off" else "redis"
+            continue
+        row = getattr(model.backend, "row_seconds", None)
+        model.cache_figures = {"row_us": round(row * 1e6, 1) if row is not None else None}
+        if trip is None or row is None:
+            # Redis unreachable (or off) at startup: nothing to weigh; use it as `on` would, failing open.
+            model.cache_tiers, why = "redis", "Redis round trip not measured (cache off or down)"
+        else:
+            model.cache_figures["redis_round_trip_us"] = round(trip * 1e6, 1)
+            model.cache_tiers = "redis" if row > trip else "local"
+            why = f"one row costs {row * 1e6:.0f} us, a Redis round trip {trip * 1e6:.0f} us"
+        log.info("model %s %s: CACHE_POLICY auto: %s: tiers %s", model.name, model.version, why, model.cache_tiers)
+
+
+def load_registry(config: Mapping, round_trip: Callable[[], float | None] | None = None) -> Registry:
     """Load every model at startup: MODEL_PATH as a one-model registry when set, else MODEL_DIR's folders.
 
     Reads MODEL_PATH, MODEL_SHA256, MODEL_DIR, DEFAULT_MODEL, SKIP_BAD_MODELS, CACHE_POLICY, INFERENCE_BACKEND and
@@ -371,6 +400,7 @@ def load_registry(config: Mapping) -> Registry:
         model = load(Path(config["MODEL_PATH"]), None, config["CACHE_POLICY"], config["MODEL_SHA256"])
         if wanted and wanted != model.name:
             raise StartupError(f"DEFAULT_MODEL={wanted!r} is not the model MODEL_PATH serves ({model.name})")
+        decide_cache([model], round_trip)
         return Registry({model.name: Entry(model.name, {model.version: model}, model.version)}, model.name)
     if config["MODEL_SHA256"]:
         # A pin that silently pinned nothing would be worse than none.
@@ -396,7 +426,9 @@ def load_registry(config: Mapping) -> Registry:
                 entry.unavailable[version] = str(e).replace(str(folder), f"{name}/{version}")
                 continue
             model.aliases = sorted(alias for alias, target in plan["aliases"].items() if target == version)
-    return Registry(entries, default_model)
+    registry = Registry(entries, default_model)
+    decide_cache(registry.loaded(), round_trip)
+    return registry
 
 
 def scan_dir(root: Path, cache_default: str = "on") -> dict[str, dict]:

@@ -1,0 +1,55 @@
+"""Per-model cache policy: on, off, or auto (Redis only where predicting a row costs more than a round trip)."""
+
+import pytest
+import redis
+from conftest import IRIS_ROWS, basic_auth, served_model
+
+from app.registry import decide_cache
+
+
+def post(client, path="/predict"):
+    """POST the iris rows; the response."""
+    return client.post(path, json={"features": IRIS_ROWS}, headers=basic_auth())
+
+
+@pytest.mark.parametrize(("trip", "tiers"), [(1e-9, "redis"), (10.0, "local"), (None, "redis")])
+def test_auto_weighs_a_row_against_the_round_trip(make_app, trip, tiers):
+    """auto keeps Redis where a row costs more than the round trip, the worker tier alone where it costs less,
+    and Redis (failing open) when the round trip could not be measured; the figures say what was weighed."""
+    model = served_model(make_app(CACHE_POLICY="on"))
+    model.cache_policy = "auto"
+    decide_cache([model], lambda: trip)
+    assert model.cache_tiers == tiers
+    assert model.cache_figures["row_us"] == round(model.backend.row_seconds * 1e6, 1) > 0
+    assert model.cache_figures.get("redis_round_trip_us") == (None if trip is None else round(trip * 1e6, 1))
+
+
+def test_round_trip_is_measured_only_for_auto(make_app):
+    """With no model on auto, startup never probes Redis (a hung one would cost a timeout at every start)."""
+    probes = []
+    model = served_model(make_app())
+    decide_cache([model], lambda: probes.append(1))
+    assert probes == [] and model.cache_tiers == "redis"
+
+
+def test_auto_decision_is_served_as_shown(make_app, redis_url):
+    """Under auto, /models shows the tiers and both figures, and requests use exactly those tiers: with the worker
+    tier alone, Redis never sees a key and a repeat is still a HIT from memory."""
+    app = make_app(REDIS_URL=redis_url, CACHE_POLICY="auto")
+    client = app.test_client()
+    shown = client.get("/models/iris/versions/1", headers=basic_auth()).json["cache"]
+    assert shown["tiers"] == ("redis" if shown["row_us"] > shown["redis_round_trip_us"] else "local")
+    assert [post(client).headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+    keys = redis.Redis.from_url(redis_url).dbsize()
+    assert keys == (2 if shown["tiers"] == "redis" else 0)
+
+
+def test_local_tier_only_keeps_redis_out(make_app, redis_url):
+    """A model whose tiers are local answers repeats from the worker's memory and never reads or writes Redis."""
+    app = make_app(REDIS_URL=redis_url)
+    served_model(app).cache_tiers = "local"
+    client, server = app.test_client(), redis.Redis.from_url(redis_url)
+    server.config_resetstat()
+    assert [post(client).headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
+    stats = server.info("commandstats")
+    assert server.dbsize() == 0 and "cmdstat_mget" not in stats and "cmdstat_set" not in stats
