@@ -5,6 +5,7 @@ import os
 from gunicorn import util
 
 from app.errors import error_body
+from app.rollout import reload_registry
 from config import choice, from_env, number, usable_cpus
 
 # One BLAS/OpenMP thread per worker: workers = cores already uses every core, and these must be set
@@ -103,6 +104,16 @@ def post_worker_init(worker):
     if registry is not None:  # other WSGI apps (the benchmark's ceilings) share this file
         for model in registry.loaded():
             model.backend.warm()
+        # POST /admin/reload signals this pid, and only from a worker of this master.
+        worker.wsgi.extensions["sibyl.master_pid"] = worker.ppid
+
+
+def on_reload(server):
+    """SIGHUP: load MODEL_DIR again in the master and, if it loads completely, swap it in before gunicorn forks the
+    new workers (the old ones then finish their requests and exit); if not, the new workers get the old registry."""
+    app = server.app.wsgi()  # with preload_app, the app the master already loaded
+    if "sibyl.registry" in getattr(app, "extensions", {}):
+        reload_registry(app)
 
 
 def worker_exit(server, worker):
