@@ -146,10 +146,14 @@ def test_public_reason_hides_absolute_model_dir():
     ("headers", "status", "code"),
     [(basic_auth(), 403, "forbidden"), (ADMIN_AUTH, 409, "rollout_refused"), ({}, 401, "unauthorized")],
 )
-def test_reload_endpoint_needs_admin_and_gunicorn(tiny_app, headers, status, code):
-    """POST /admin/reload: 403 for a predict-only user; 409 for an admin when no gunicorn master can reload."""
+def test_reload_endpoint_needs_admin_and_gunicorn(tiny_app, capsys, headers, status, code):
+    """POST /admin/reload: 403 for a predict-only user; 409 for an admin when no gunicorn master can reload; both
+    refusals audited as admin.rollout."""
+    capsys.readouterr()
     r = tiny_app.test_client().post("/admin/reload", headers=headers)
     assert (r.status_code, r.json["error"]["code"]) == (status, code)
+    audited = [orjson.loads(x) for x in capsys.readouterr().out.splitlines() if '"audit"' in x]
+    assert [(x["action"], x["outcome"]) for x in audited] == ([] if status == 401 else [("admin.rollout", "refused")])
 
 
 # --- live gunicorn ---
