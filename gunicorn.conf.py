@@ -4,8 +4,7 @@ import os
 
 from gunicorn import util
 
-from app.errors import error_body
-from config import choice, from_env, number, usable_cpus
+from config import choice, from_env, number, usable_cpus  # config imports no numpy
 
 # One BLAS/OpenMP thread per worker: workers = cores already uses every core, and these must be set
 # before numpy loads, which preload_app does in this process right after reading this file.
@@ -69,6 +68,9 @@ loglevel = from_env("GUNICORN_LOG_LEVEL", "info", choice("debug", "info", "warni
 
 def on_starting(server):
     """Answer the requests gunicorn rejects itself (before the app sees them) with the app's JSON error body."""
+    # Imported here, not at the top: the app package loads numpy, which must see the thread variables above.
+    from app.errors import error_body
+
     cfg = server.cfg
     # Fixed messages: gunicorn's own quote the offending request line or header back to the caller.
     answers = {
@@ -103,3 +105,15 @@ def post_worker_init(worker):
     if registry is not None:  # other WSGI apps (the benchmark's ceilings) share this file
         for model in registry.loaded():
             model.backend.warm()
+        # POST /admin/reload signals this pid, and only from a worker of this master.
+        worker.wsgi.extensions["sibyl.master_pid"] = worker.ppid
+
+
+def on_reload(server):
+    """SIGHUP: load MODEL_DIR again in the master and, if it loads completely, swap it in before gunicorn forks the
+    new workers (the old ones then finish their requests and exit); if not, the new workers get the old registry."""
+    from app.rollout import reload_registry
+
+    app = server.app.wsgi()  # with preload_app, the app the master already loaded
+    if "sibyl.registry" in getattr(app, "extensions", {}):
+        reload_registry(app)

@@ -311,6 +311,10 @@ class Registry:
 
     entries: dict[str, Entry]
     default_model: str | None  # what POST /predict serves; None when several models and no DEFAULT_MODEL
+    # Which load this is (1 at startup, +1 per rollout) and when it happened: GET /models shows both, so a caller
+    # can tell whether a rollout took.
+    generation: int = 1
+    loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def entry(self, name: str) -> Entry:
         """A model by name, or a 404 listing the models served (the caller's name is never echoed)."""

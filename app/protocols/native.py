@@ -64,8 +64,12 @@ def predict_version(name: str, version: str) -> Response:
 @bp.get("/models")
 @auth.login_required
 def models() -> Response:
-    """Every model served: versions with their metadata and backend, aliases, traffic, and unavailable versions."""
-    return json_response({"models": _registry().describe()})
+    """Every model served: versions with their metadata and backend, aliases, traffic, and unavailable versions;
+    and which load of the registry answers (generation, loaded_at)."""
+    registry = _registry()
+    return json_response(
+        {"models": registry.describe(), "generation": registry.generation, "loaded_at": registry.loaded_at}
+    )
 
 
 @bp.get("/models/<name>")
