@@ -136,6 +136,7 @@ def test_text_log_line_cannot_be_forged_under_gunicorn(server):
 def test_reading_the_config_file_loads_no_numpy():
     """gunicorn.conf.py sets the BLAS/OpenMP thread variables, which only count if numpy is not loaded yet."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    code = "import runpy, sys, os; runpy.run_path('gunicorn.conf.py'); print('numpy' in sys.modules, os.environ['OMP_NUM_THREADS'])"
+    code = "import runpy, sys, os; runpy.run_path('gunicorn.conf.py'); "
+    code += "print('numpy' in sys.modules, os.environ['OMP_NUM_THREADS'])"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["False", "1"], proc.stderr
