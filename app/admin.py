@@ -9,6 +9,7 @@ from app.audit import audit
 from app.auth import auth
 from app.errors import error_response
 from app.protocols import json_response
+from app.registry import metadata_path
 from app.rollout import ACTION, check
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -45,3 +46,18 @@ def _refuse(message: str) -> Response:
     """A refused rollout: audited, 409 in the one error shape."""
     audit(ACTION, "refused", reason=message, step="check")
     return error_response(409, "rollout_refused", message)
+
+
+@bp.get("/models")
+@auth.login_required(role="admin")
+def registry_files() -> Response:
+    """The registry as GET /models lists it, plus where each version's files are on this server (admins only:
+    paths reveal infrastructure)."""
+    registry = current_app.extensions["sibyl.registry"]
+    listed = registry.describe()
+    for entry in listed:
+        for version in entry["versions"]:
+            model = registry.entries[entry["name"]].versions[version["version"]]
+            version["files"] = {"artifact": str(model.path), "metadata": str(metadata_path(model.path))}
+    audit("admin.registry_files", "ok", models=len(listed))
+    return json_response({"models": listed, "generation": registry.generation, "loaded_at": registry.loaded_at})

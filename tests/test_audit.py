@@ -163,3 +163,17 @@ def test_threshold_of_one_reports_the_first_refusal(make_app, capsys):
     client.get("/models", headers=BAD)
     client.get("/models", headers=BAD)
     assert len(audit_lines(capsys.readouterr().out)) == 1
+
+
+def test_registry_files_are_for_admins_only(make_app, iris_path, capsys):
+    """GET /admin/models adds each version's file paths for an admin (and audits it); a predict-only user gets
+    403, and the public GET /models never shows a path."""
+    client = make_app().test_client()
+    listed = client.get("/admin/models", headers=basic_auth(ADMIN, ADMIN_KEY))
+    assert listed.status_code == 200
+    (version,) = listed.json["models"][0]["versions"]
+    assert version["files"] == {"artifact": str(iris_path), "metadata": str(iris_path.with_suffix(".json"))}
+    assert '"action":"admin.registry_files","outcome":"ok"' in capsys.readouterr().out
+    assert client.get("/admin/models", headers=basic_auth()).status_code == 403
+    public = client.get("/models", headers=basic_auth())
+    assert str(iris_path.parent) not in public.get_data(as_text=True)
