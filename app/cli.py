@@ -94,7 +94,7 @@ def _register_beside(
     """Write the metadata beside a loose artifact, named after the file, for MODEL_PATH (the command before
     MODEL_DIR)."""
     if aliases:
-        raise click.UsageError("--alias needs --name: aliases live in MODEL_DIR/NAME/manifest.json")
+        raise click.ClickException("--alias needs --name: aliases live in MODEL_DIR/NAME/manifest.json")
     # Opening a .joblib runs code: this is the one place Sibyl opens an unverified artifact, at your request.
     meta = write_metadata(open_artifact(path, trusted), path, path.stem, version, names)
     click.echo(f"wrote {metadata_path(path)}: {meta['name']} {meta['version']}, {meta['n_features']} features")
@@ -117,7 +117,7 @@ def _register_in(
         raise click.ClickException(f"{path} sits in {placed[0]}/{placed[1]}; --name and --version must match that")
     name, version = placed or (name, version)
     if version is None:
-        raise click.UsageError("--version is needed with --name: the new folder is MODEL_DIR/NAME/VERSION")
+        raise click.ClickException("--version is needed with --name: the new folder is MODEL_DIR/NAME/VERSION")
     folder = root / _valid("model name", name)
     target = folder / _valid("version", version)
     for alias in aliases:
