@@ -135,8 +135,11 @@ def _register_in(
         meta = _copy_in(path, root, name, version, names, trusted)
     else:
         meta = write_metadata(open_artifact(path, trusted), path, name, version, names)
-    if aliases:
-        write_manifest(folder / MANIFEST, manifest, versions)
+    try:
+        if aliases:
+            write_manifest(folder / MANIFEST, manifest, versions)
+    except OSError as e:  # the version is in place by now: say so, rather than suggest nothing happened
+        raise click.ClickException(f"registered {target}, but could not write its aliases ({e}); run `alias`") from None
     pointed = f", aliases: {', '.join(aliases)}" if aliases else ""
     click.echo(
         f"registered {name} version {version} at {target / meta['artifact']} ({meta['n_features']} features{pointed}; "
