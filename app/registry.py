@@ -443,22 +443,8 @@ def scan_dir(root: Path, cache_default: str = "on") -> dict[str, dict]:
             f"model folder {root} does not exist (set MODEL_DIR or MODEL_PATH; `make model` builds the demo)"
         )
     plans = {}
-    for folder in sorted(root.iterdir()):
-        # Dot names are ours (.compiled) or hidden; loose files (train_demo.py) and the bytecode Python keeps beside
-        # them are not models.
-        if folder.name.startswith(".") or folder.name == "__pycache__" or not folder.is_dir():
-            continue
-        if not NAME.fullmatch(folder.name):
-            log.warning("skipping model folder %s: a name must match %s", folder, NAME.pattern)
-            continue
-        versions = {}
-        for sub in sorted(folder.iterdir(), key=lambda p: version_key(p.name)):
-            if sub.name.startswith(".") or not sub.is_dir():
-                continue
-            if not NAME.fullmatch(sub.name):
-                log.warning("skipping version folder %s: a version must match %s", sub, NAME.pattern)
-                continue
-            versions[sub.name] = sub
+    for folder in model_folders(root):
+        versions = version_folders(folder)
         if not versions:
             raise StartupError(
                 f"model folder {folder} has no version folders (<name>/<version>/model.joblib or model.skops)"
@@ -474,6 +460,34 @@ def scan_dir(root: Path, cache_default: str = "on") -> dict[str, dict]:
     return plans
 
 
+def model_folders(root: Path) -> list[Path]:
+    """MODEL_DIR's model folders by name (bad names warned about)."""
+    folders = []
+    for folder in sorted(root.iterdir()):
+        # Dot names are ours (.compiled, register's staging) or hidden; loose files (train_demo.py) and the bytecode
+        # Python keeps beside them are not models.
+        if folder.name.startswith(".") or folder.name == "__pycache__" or not folder.is_dir():
+            continue
+        if not NAME.fullmatch(folder.name):
+            log.warning("skipping model folder %s: a name must match %s", folder, NAME.pattern)
+            continue
+        folders.append(folder)
+    return folders
+
+
+def version_folders(folder: Path) -> dict[str, Path]:
+    """A model folder's version folders by name, in version order (dot names skipped, bad names warned about)."""
+    versions = {}
+    for sub in sorted(folder.iterdir(), key=lambda p: version_key(p.name)):
+        if sub.name.startswith(".") or not sub.is_dir():
+            continue
+        if not NAME.fullmatch(sub.name):
+            log.warning("skipping version folder %s: a version must match %s", sub, NAME.pattern)
+            continue
+        versions[sub.name] = sub
+    return versions
+
+
 def read_manifest(path: Path, versions: list[str], cache_default: str) -> dict:
     """A model's manifest (absent: the defaults) checked against its version folders: {default, aliases, traffic,
     cache}; StartupError naming the file and the key."""
@@ -485,6 +499,18 @@ def read_manifest(path: Path, versions: list[str], cache_default: str) -> dict:
             raise StartupError(f"manifest {path} is unreadable: {e}") from None
         if type(manifest) is not dict:
             raise StartupError(f"manifest {path} must be a JSON object with keys {', '.join(_MANIFEST_KEYS)}")
+    return check_manifest(manifest, path, versions, cache_default)
+
+
+def write_manifest(path: Path, manifest: dict, versions: list[str]) -> None:
+    """Write a manifest atomically, after the checks startup makes, so the CLI never writes one startup refuses."""
+    check_manifest(manifest, path, versions, CACHE_POLICIES[0])
+    write_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def check_manifest(manifest: dict, path: Path, versions: list[str], cache_default: str) -> dict:
+    """A manifest's keys checked against the version folders: {default, aliases, traffic, cache}; StartupError
+    naming the file and the key."""
 
     def bad(key: str, why: str) -> StartupError:
         return StartupError(f"manifest {path}: {key!r} {why} (versions: {', '.join(versions)})")
