@@ -65,6 +65,17 @@ def poll(check, timeout: float = 60):
     pytest.fail(f"{check.__doc__ or check.__name__} did not happen within {timeout:.0f} s")
 
 
+def both_workers(server) -> list[int]:
+    """The master's two worker pids, once both are forked (gunicorn may still be spawning the second)."""
+
+    def both():
+        """both workers running"""
+        pids = server.workers()
+        return pids if len(pids) == 2 else None
+
+    return poll(both)
+
+
 def served_version(response_body: bytes) -> tuple[str, list]:
     """The version and predictions of a /predict answer."""
     body = orjson.loads(response_body)
@@ -187,7 +198,7 @@ def test_rollout_under_load_fails_no_request_and_misses_the_old_cache(
     cached = server.predict({"features": [ROW]})
     assert (cached.status_code, cached.headers["X-Cache"], served_version(cached.content)) == (200, "MISS", ("1", [1]))
     assert wait_for_keys(redis_server.client(), 1) == 1  # in Redis, where the new workers would find it
-    old_workers = server.workers()
+    old_workers = both_workers(server)
 
     stop, results = threading.Event(), []
     routes = ("/predict", "/models/tiny/predict")
@@ -267,7 +278,7 @@ def test_refused_rollout_keeps_serving_the_old_version(live_server, make_model_d
     assert [x["outcome"] for x in audit_lines(server, step="check")] == ["refused", "refused"]
     assert served_version(server.predict({"features": [ROW]}).content)[0] == "1"
 
-    old_workers = server.workers()
+    old_workers = both_workers(server)
     os.kill(server.proc.pid, signal.SIGHUP)
 
     def refused_in_master():
