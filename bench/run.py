@@ -318,7 +318,7 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
             bench.runs.append(_median([bench.load(server, name, BATCH, 1)[0] for _ in range(bench.plan.rounds)]))
             results["memory"][name] = worker_memory(server)
             info = requests.get(server.url + "/models", headers={"Authorization": bench.auth}, timeout=10).json()
-            results["backends"][name] = info["models"][0]["backend"]
+            results["backends"][name] = info["models"][0]["versions"][0]["backend"]
 
 
 def _rotated(items: range, by: int) -> list:
