@@ -85,35 +85,30 @@ def test_requests_without_credentials_are_not_refused_logins(make_app, capsys):
     assert len(audit_lines(capsys.readouterr().out)) == 1
 
 
-def test_next_window_writes_the_next_line(make_app, capsys):
-    """Once AUDIT_WINDOW_SECONDS have passed since the window opened, a new burst writes a new line."""
+def refused_at(make_app, times: list[float], capsys) -> int:
+    """Audit lines written for refused logins at these clock readings (a 2-refusal, 5 s window)."""
     app = make_app(AUDIT_LOGIN_FAILURES=2, AUDIT_WINDOW_SECONDS=5)
-    now = [1000.0]
+    now = [times[0]]
     app.extensions["sibyl.login_failures"].clock = lambda: now[0]
     client = app.test_client()
     capsys.readouterr()
-    for at in (1000.0, 1001.0, 1004.9):  # two refusals open the window and report; the third is inside it
+    for at in times:
         now[0] = at
         client.get("/models", headers=BAD)
-    assert len(audit_lines(capsys.readouterr().out)) == 1
-    now[0] = 1005.0  # the window has passed: this one opens a new window, the next reports it
-    client.get("/models", headers=BAD)
-    assert audit_lines(capsys.readouterr().out) == []
-    client.get("/models", headers=BAD)
-    assert len(audit_lines(capsys.readouterr().out)) == 1
+    return len(audit_lines(capsys.readouterr().out))
+
+
+def test_next_window_writes_the_next_line(make_app, capsys):
+    """Once AUDIT_WINDOW_SECONDS have passed since the window opened, a new burst writes a new line: two refusals
+    open the window and report, the third is inside it; at 1005 a new window opens and the next one reports it."""
+    assert refused_at(make_app, [1000.0, 1001.0, 1004.9], capsys) == 1
+    assert refused_at(make_app, [1000.0, 1001.0, 1004.9, 1005.0], capsys) == 1
+    assert refused_at(make_app, [1000.0, 1001.0, 1004.9, 1005.0, 1005.1], capsys) == 2
 
 
 def test_refusals_spread_wider_than_the_window_write_nothing(make_app, capsys):
     """Refused logins slower than AUDIT_LOGIN_FAILURES per window never add up to a line."""
-    app = make_app(AUDIT_LOGIN_FAILURES=2, AUDIT_WINDOW_SECONDS=5)
-    now = [0.0]
-    app.extensions["sibyl.login_failures"].clock = lambda: now[0]
-    client = app.test_client()
-    capsys.readouterr()
-    for at in (0.0, 5.0, 10.0, 15.0):
-        now[0] = at
-        client.get("/models", headers=BAD)
-    assert audit_lines(capsys.readouterr().out) == []
+    assert refused_at(make_app, [0.0, 5.0, 10.0, 15.0], capsys) == 0
 
 
 def test_addresses_are_counted_apart_and_memory_is_bounded(monkeypatch):
