@@ -36,10 +36,11 @@ def create_app(config: dict | None = None) -> Flask:
     # CACHE_POLICY=auto weighs each model's predict cost against this Redis round trip.
     app.extensions["sibyl.registry"] = load_registry(app.config, cache.round_trip)
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
-    from app import admin, health
+    from app import admin, health, openapi
     from app.protocols import native
 
     app.register_blueprint(health.bp)
     app.register_blueprint(native.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(openapi.bp)
     return app

@@ -1,0 +1,270 @@
+"""GET /openapi.json: the API described from the app's routes and the registry; GET /docs: Swagger UI to try it."""
+
+import inspect
+
+from flask import Blueprint, Flask, Response, current_app, url_for
+
+from app.protocols import json_response
+from app.registry import Model, Registry
+
+bp = Blueprint("openapi", __name__)
+
+# Both are public. The document is the contract a Postman or Swagger user imports before they hold a key: routes,
+# model names, feature names, shapes and one sample row per model (the row /ready sends; the model's owner ships it
+# in the metadata as a sample). It carries nothing about where or how Sibyl runs: no `servers` host (relative "/"),
+# no filesystem paths, no library or artifact versions, no digests or backends (those stay behind auth, GET /models).
+# /docs is a static page; every call it makes to the API goes through the same auth as curl's.
+PUBLIC = frozenset({"health.health", "health.ready", "openapi.spec", "openapi.docs"})
+_ADMIN_PREFIX = "admin."
+# Endpoints that serve files, not API operations.
+_NOT_OPERATIONS = frozenset({"static"})
+_PREDICT = frozenset({"native.predict", "native.predict_model", "native.predict_version"})
+_METHODS = ("get", "post", "put", "patch", "delete")
+
+_ERRORS = {
+    400: "The request is malformed or does not fit the model (the message says how to fix it).",
+    401: "No valid credentials: HTTP basic auth (user:key) or Authorization: Bearer <key>.",
+    403: "The route needs the admin role.",
+    404: "No such model or version (the message lists what is served).",
+    409: "The rollout was refused: this is not a gunicorn worker, or the models on disk would not load.",
+    413: "The body is larger than MAX_BODY_BYTES, or holds more than MAX_ROWS rows.",
+    415: "The body is not JSON (Content-Type: application/json), or its Content-Encoding is not gzip.",
+    500: "A bug; quote the request_id when reporting it.",
+    503: "A model (or the named version) could not be loaded or did not answer.",
+}
+
+
+def operation_endpoints(app: Flask) -> list:
+    """The url_map rules the document describes: every route but the static files."""
+    return [rule for rule in app.url_map.iter_rules() if rule.endpoint not in _NOT_OPERATIONS]
+
+
+@bp.get("/openapi.json")
+def spec() -> Response:
+    """This API as an OpenAPI 3.1 document, built from the routes and the models served."""
+    return json_response(document(current_app))
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    """Swagger UI, from files this server serves (no CDN), reading /openapi.json."""
+    css = url_for("static", filename="swagger-ui/swagger-ui.css")
+    js = url_for("static", filename="swagger-ui/swagger-ui-bundle.js")
+    # validatorUrl null: Swagger UI would otherwise send the document to its public validator for a badge.
+    page = f"""<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>Sibyl API</title><link rel="stylesheet" href="{css}"></head>
+<body>
+<div id="swagger-ui"></div>
+<script src="{js}"></script>
+<script>
+window.ui = SwaggerUIBundle({{url: "{url_for("openapi.spec")}", dom_id: "#swagger-ui", validatorUrl: null,
+  deepLinking: true, tryItOutEnabled: true}});
+</script>
+</body>
+</html>
+"""
+    return Response(page, mimetype="text/html")
+
+
+def document(app: Flask) -> dict:
+    """The OpenAPI 3.1 document for app: one operation per (rule, method), schemas from the registry."""
+    registry: Registry = app.extensions["sibyl.registry"]
+    paths: dict[str, dict] = {}
+    for rule in sorted(operation_endpoints(app), key=lambda r: r.rule):
+        path = rule.rule.replace("<", "{").replace(">", "}")
+        for method in sorted(m.lower() for m in rule.methods if m.lower() in _METHODS):
+            paths.setdefault(path, {})[method] = _operation(app, rule, method, registry)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Sibyl",
+            "version": "1",
+            "description": "Predictions from scikit-learn models. Every error, 4xx and 5xx, is one JSON shape "
+            "(components/schemas/Error). A method a path does not list answers 405 in that shape.",
+        },
+        "servers": [{"url": "/"}],  # relative: the document never names the host it was fetched from
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": _ERROR_SCHEMA, "ModelRef": _MODEL_REF},
+            "securitySchemes": {
+                "basic": {"type": "http", "scheme": "basic", "description": "user name and API key"},
+                "bearer": {"type": "http", "scheme": "bearer", "description": "the API key itself"},
+            },
+            "responses": {str(status): _error_response(text) for status, text in _ERRORS.items()},
+        },
+    }
+
+
+def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
+    """One operation: summary from the view's docstring, parameters, body, responses, security."""
+    endpoint = rule.endpoint
+    view = inspect.unwrap(app.view_functions[endpoint])
+    doc = inspect.getdoc(view) or endpoint
+    summary, _, rest = doc.partition("\n")
+    op: dict = {"operationId": endpoint.replace(".", "_"), "summary": summary.strip(), "tags": [endpoint.split(".")[0]]}
+    if rest.strip():
+        op["description"] = " ".join(doc.split())
+    params = [_path_parameter(arg, registry) for arg in rule.arguments]
+    if params:
+        op["parameters"] = sorted(params, key=lambda p: rule.rule.index(f"<{p['name']}>"))
+    statuses = [500]
+    if endpoint not in PUBLIC:
+        op["security"] = [{"basic": []}, {"bearer": []}]
+        statuses.append(401)
+    if endpoint.startswith(_ADMIN_PREFIX):
+        statuses.append(403)
+    if rule.arguments:
+        statuses += [404, 503] if "version" in rule.arguments else [404]
+    if endpoint == "admin.rollout":
+        statuses.append(409)
+    if endpoint == "health.ready":
+        statuses.append(503)
+    ok: dict = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    if endpoint in _PREDICT:
+        statuses += [400, 404, 413, 415, 503]
+        models = _models_for(endpoint, registry)
+        op["requestBody"] = _predict_body(endpoint, models, app.config["MAX_ROWS"])
+        ok = {
+            "description": "One prediction per row, and which model version answered.",
+            "headers": {
+                "X-Cache": {
+                    "description": "HIT, MISS, PARTIAL, BYPASS or OFF: what the cache answered",
+                    "schema": {"type": "string"},
+                },
+                "X-Cache-Hits": {"description": "how many rows the cache answered", "schema": {"type": "string"}},
+            },
+            "content": {"application/json": {"schema": _PREDICT_RESPONSE}},
+        }
+    elif endpoint == "openapi.docs":
+        ok = {"description": "Swagger UI", "content": {"text/html": {"schema": {"type": "string"}}}}
+    op["responses"] = {"202" if endpoint == "admin.rollout" else "200": ok}
+    op["responses"].update({str(s): {"$ref": f"#/components/responses/{s}"} for s in sorted(set(statuses))})
+    return op
+
+
+def _path_parameter(arg: str, registry: Registry) -> dict:
+    """A path parameter: a model name (the served ones as examples) or a version or alias."""
+    if arg == "name":
+        names = sorted(registry.entries)
+        return {
+            "name": "name",
+            "in": "path",
+            "required": True,
+            "description": "A model name (GET /models lists them).",
+            "schema": {"type": "string"},
+            "examples": {name: {"value": name} for name in names},
+        }
+    versions = sorted({v for entry in registry.entries.values() for v in [*entry.versions, *entry.aliases]})
+    return {
+        "name": arg,
+        "in": "path",
+        "required": True,
+        "description": "A version or an alias of the model.",
+        "schema": {"type": "string"},
+        "examples": {version: {"value": version} for version in versions},
+    }
+
+
+def _models_for(endpoint: str, registry: Registry) -> dict[str, Model]:
+    """The models a predict route may answer with, keyed by name: the default model for /predict, else every model's
+    default version (other versions may take other features; the version route lists them all)."""
+    if endpoint == "native.predict":
+        if registry.default_model is None:
+            return {}
+        entry = registry.entries[registry.default_model]
+        return {entry.name: entry.versions[entry.default]}
+    if endpoint == "native.predict_version":
+        return {f"{m.name} {m.version}": m for m in registry.loaded()}
+    return {name: entry.versions[entry.default] for name, entry in sorted(registry.entries.items())}
+
+
+def _predict_body(endpoint: str, models: dict[str, Model], max_rows: int) -> dict:
+    """The request body: one schema per model (anyOf when several), with an example from each one's sample row."""
+    schemas = []
+    for model in models.values():
+        schema = _request_schema(model, max_rows)
+        if schema not in schemas:
+            schemas.append(schema)
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas} if schemas else {"type": "object"}
+    media: dict = {"schema": schema}
+    examples = {key: {"summary": key, "value": {"features": [m.sample_row]}} for key, m in models.items()}
+    if endpoint == "native.predict" and examples:
+        media["example"] = next(iter(examples.values()))["value"]
+    elif examples:
+        media["examples"] = examples
+    return {"required": True, "content": {"application/json": media}}
+
+
+def _request_schema(model: Model, max_rows: int) -> dict:
+    """What a model takes: rows of n_features numbers, or objects keyed by its feature names."""
+    n = model.n_features
+    row = {"type": "array", "items": {"type": "number"}, "minItems": n, "maxItems": n}
+    rows = {"type": "array", "items": row, "minItems": 1, "maxItems": max_rows}
+    instance = row
+    if model.feature_names:
+        named = {
+            "type": "object",
+            "properties": {name: {"type": "number"} for name in model.feature_names},
+            "required": list(model.feature_names),
+            "additionalProperties": False,
+        }
+        instance = {"anyOf": [row, named]}
+    proba = {"type": "boolean", "description": "Add each row's class probabilities."}
+    if not model.has_proba:
+        proba = {"type": "boolean", "enum": [False], "description": f"{model.task} model: no probabilities."}
+    return {
+        "title": f"{model.name} {model.version}",
+        "type": "object",
+        "properties": {
+            "features": rows | {"description": f"Rows of {n} numbers, in the model's feature order."},
+            "instances": {"type": "array", "items": instance, "minItems": 1, "maxItems": max_rows}
+            | {"description": "Rows as arrays, or as objects keyed by feature name."},
+            "probabilities": proba,
+        },
+        "oneOf": [{"required": ["features"]}, {"required": ["instances"]}],
+        "additionalProperties": False,
+    }
+
+
+def _error_response(description: str) -> dict:
+    """A documented error status, always in the one error shape."""
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "request_id"],
+            "properties": {
+                "code": {"type": "string", "description": "machine-readable, e.g. invalid_input"},
+                "message": {"type": "string", "description": "what went wrong and how to fix the request"},
+                "request_id": {"type": ["string", "null"], "description": "quote it when reporting a problem"},
+            },
+        }
+    },
+}
+_MODEL_REF = {
+    "type": "object",
+    "required": ["name", "version"],
+    "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+}
+_PREDICT_RESPONSE = {
+    "type": "object",
+    "required": ["predictions", "model"],
+    "properties": {
+        "predictions": {"type": "array", "items": {"type": ["number", "string", "boolean"]}},
+        "model": {"$ref": "#/components/schemas/ModelRef"},
+        "probabilities": {
+            "type": "array",
+            "description": "Per row, each class label's probability (when asked).",
+            "items": {"type": "object", "additionalProperties": {"type": "number"}},
+        },
+    },
+}
