@@ -136,6 +136,15 @@ def usable_cpus(cgroup: str | Path = "/sys/fs/cgroup") -> int:
     return max(1, min(cpus, math.ceil(int(quota) / int(period))))
 
 
+# Log levels, spelled as LOG_LEVEL takes them (GUNICORN_LOG_LEVEL takes them in lower case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def web_concurrency() -> int:
+    """WEB_CONCURRENCY by its rule (empty: the CPUs this process may use); serve.py and gunicorn.conf.py read it."""
+    return from_env("WEB_CONCURRENCY", str(usable_cpus()), number(minimum=1))
+
+
 class Config:
     """Settings for create_app(); tests pass a mapping of overrides instead of a subclass."""
 
@@ -191,7 +200,7 @@ class Config:
     CACHE_RETRY_SECONDS = _setting("CACHE_RETRY_SECONDS", "5", number(float))
 
     # One JSON line per request on stdout; "text" is for reading by eye.
-    LOG_LEVEL = _setting("LOG_LEVEL", "INFO", choice("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    LOG_LEVEL = _setting("LOG_LEVEL", "INFO", choice(*LOG_LEVELS))
     LOG_FORMAT = _setting("LOG_FORMAT", "json", choice("json", "text"))
     # This many refused logins from one address within AUDIT_WINDOW_SECONDS write one audit line.
     AUDIT_LOGIN_FAILURES = _setting("AUDIT_LOGIN_FAILURES", "10", number(minimum=1))

@@ -4,7 +4,7 @@ import os
 
 from gunicorn import util
 
-from config import choice, from_env, number, usable_cpus  # config imports no numpy
+from config import LOG_LEVELS, choice, from_env, web_concurrency  # config imports no numpy
 
 # One BLAS/OpenMP thread per worker: workers = cores already uses every core, and these must be set
 # before numpy loads, which preload_app does in this process right after reading this file.
@@ -31,7 +31,7 @@ bind = from_env("BIND", "127.0.0.1:8000", listen_address)
 
 # Prediction is CPU-bound and holds the GIL, so one process per usable core is the throughput sweet spot.
 # Usable, not present: a container limited to 2 CPUs on a 64-core host must not fork 64 workers.
-workers = from_env("WEB_CONCURRENCY", str(usable_cpus()), number(minimum=1))
+workers = web_concurrency()
 
 # sync workers: one request at a time per process, taken from the shared listen socket, so load spreads
 # evenly. gthread keeps keep-alive connections on whichever worker accepted them first; under `make bench`
@@ -63,34 +63,32 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # The app logs one JSON line per request on stdout; gunicorn's own log stays on stderr.
 accesslog = None
 errorlog = "-"
-loglevel = from_env("GUNICORN_LOG_LEVEL", "info", choice("debug", "info", "warning", "error", "critical"))
+loglevel = from_env("GUNICORN_LOG_LEVEL", "info", choice(*(level.lower() for level in LOG_LEVELS)))
 
 
 def on_starting(server):
     """Answer the requests gunicorn rejects itself (before the app sees them) with the app's JSON error body."""
     # Imported here, not at the top: the app package loads numpy, which must see the thread variables above.
-    from app.errors import error_body
+    from app.errors import code_for, error_body
 
     cfg = server.cfg
     # Fixed messages: gunicorn's own quote the offending request line or header back to the caller.
-    answers = {
-        400: ("bad_request", "The request is not valid HTTP/1.1: check its request line, headers and chunked body."),
-        403: ("forbidden", "The request is forbidden."),
-        414: ("uri_too_long", f"The request line is too long (limit {cfg.limit_request_line} bytes)."),
-        417: ("expectation_failed", "This server cannot meet the request's Expect header."),
-        431: (
-            "headers_too_large",
-            f"The request has too many or too large headers (limits: {cfg.limit_request_fields} headers, "
-            f"{cfg.limit_request_field_size} bytes each).",
-        ),
-        500: ("internal_error", "Internal server error."),
-        501: ("not_implemented", "The request's Transfer-Encoding is not supported; send chunked or Content-Length."),
+    messages = {
+        400: "The request is not valid HTTP/1.1: check its request line, headers and chunked body.",
+        403: "The request is forbidden.",
+        414: f"The request line is too long (limit {cfg.limit_request_line} bytes).",
+        417: "This server cannot meet the request's Expect header.",
+        431: f"The request has too many or too large headers (limits: {cfg.limit_request_fields} headers, "
+        f"{cfg.limit_request_field_size} bytes each).",
+        500: "Internal server error.",
+        501: "The request's Transfer-Encoding is not supported; send chunked or Content-Length.",
     }
 
     def write_error(sock, status_int: int, reason: str, mesg: str) -> None:
         """gunicorn's util.write_error, answering JSON instead of an HTML page."""
-        code, message = answers.get(status_int, ("http_error", reason))
-        body = error_body(code, message, None)  # no request id: the app never saw the request
+        body = error_body(
+            code_for(status_int), messages.get(status_int, reason), None
+        )  # no request id: the app never saw the request
         head = f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
         util.write_nonblock(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body)
 

@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from flask import g, request
+from flask import g, has_request_context, request
 
 from app import request_log
 
@@ -19,13 +19,15 @@ MAX_ADDRESSES = 10_000
 
 
 def audit(action: str, outcome: str, reason: str | None = None, **fields) -> None:
-    """One audit line for this request: who, what, from where, outcome (ok, refused, failed), why; never secrets."""
+    """One audit line: who, what, from where, outcome (ok, refused, failed), why; never secrets. Outside a request
+    (the gunicorn master's rollout) there is no request id, caller or address."""
+    in_request = has_request_context()
     line = {
         "event": "audit",
-        "request_id": g.get("request_id"),
+        "request_id": g.get("request_id") if in_request else None,
         "pid": os.getpid(),
-        "remote_addr": request.remote_addr,
-        "user": g.log.get("user") if "log" in g else None,
+        "remote_addr": request.remote_addr if in_request else None,
+        "user": g.log.get("user") if in_request and "log" in g else None,
         "action": action,
         "outcome": outcome,
         "reason": reason,

@@ -101,8 +101,9 @@ def verify_password(username: str, password: str) -> str | None:
     """Return the user when the key's digest matches, in time independent of which part was wrong."""
     users = current_app.extensions["sibyl.users"]
     digest = hashlib.sha256(password.encode()).digest()
-    ok = hmac.compare_digest(digest, users[username].digest if username in users else _DUMMY)
-    return _login(username) if ok and username in users else None
+    user = users.get(username)
+    ok = hmac.compare_digest(digest, user.digest if user else _DUMMY)
+    return _login(username) if ok and user else None
 
 
 @bearer.verify_token

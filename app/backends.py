@@ -72,7 +72,7 @@ class OnnxBackend:
         self.onnx_bytes = onnx_bytes
         self.dtype = dtype
         # Versions read from package metadata: importing onnxruntime here (the master) would break forked workers.
-        libs = (f"{lib} {version(lib)}" for lib in ("scikit-learn", "skl2onnx", "onnx", "onnxruntime", "numpy"))
+        libs = (f"{lib} {version(lib)}" for lib in (*_COMPILER_LIBS, "numpy"))
         self.scope = _scope(self.name, np.dtype(dtype).name, *libs)
         self.classes = np.asarray(model.classes) if model.classes is not None else None
         # scikit-learn itself: what verification compares against, and what answers near-tie rows.
@@ -186,8 +186,7 @@ def _record(model: Model, dtype: type, onnx_bytes: bytes) -> dict:
         "graph_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "artifact_sha256": model.sha256,
         "dtype": np.dtype(dtype).name,
-        # Read from package metadata: importing onnxruntime here (the master) would break forked workers.
-        "versions": {lib: version(lib) for lib in _COMPILER_LIBS},
+        "versions": {lib: version(lib) for lib in _COMPILER_LIBS},  # from package metadata, as in OnnxBackend
     }
 
 

@@ -82,6 +82,7 @@ class PredictionCache:
         self.url = url
         self.ttl = ttl
         self.prefix = prefix
+        self._head = f"{prefix}{_FORMAT}:"  # every key's start, built once
         self.timeout = timeout_ms / 1000
         self.enabled = bool(url)
         # CACHE_SCOPE=user: each user's rows have their own keys, so a HIT never says someone else sent the row.
@@ -130,7 +131,7 @@ class PredictionCache:
         # Adding 0.0 turns -0.0 into 0.0, so the two spellings of zero share a key.
         data = np.ascontiguousarray(X + 0.0).tobytes()
         width = X.shape[1] * 8
-        head = f"{self.prefix}{_FORMAT}:{scope}:"
+        head = f"{self._head}{scope}:"
         blake = hashlib.blake2b
         return [head + blake(data[i : i + width], digest_size=16).hexdigest() for i in range(0, len(data), width)]
 
@@ -221,9 +222,8 @@ class PredictionCache:
 
     def set_many(self, items: list[tuple[str, bytes]]) -> None:
         """Store encoded answers with the TTL and wait for Redis's reply, so the next request on any worker finds
-        them: one SET for a row, one EVAL of _STORE_SCRIPT for a batch. Failures only open a breaker."""
-        if not items or not self.usable() or not self._writes.allows():
-            return
+        them: one SET for a row, one EVAL of _STORE_SCRIPT for a batch. Failures only open a breaker. store()
+        checks, before encoding, that there is something to send and that Redis may be used now."""
         try:
             if len(items) == 1:
                 ((key, value),) = items

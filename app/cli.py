@@ -21,6 +21,7 @@ from app.registry import (
     check_manifest,
     metadata_path,
     model_folders,
+    raw_manifest,
     read_manifest,
     scan_dir,
     version_folders,
@@ -78,7 +79,7 @@ def register(
     path = Path(artifact)
     names = [f.strip() for f in features.split(",")] if features else None
     trusted = parse_trusted_types(Config.SKOPS_TRUSTED_TYPES)
-    placed = _placed(Path(model_dir or Config.MODEL_DIR), path)
+    placed = _placed(Path(model_dir or Config.MODEL_DIR), path)  # before _root: a loose artifact needs no MODEL_DIR
     try:
         if placed is None and name is None:
             _register_beside(path, version or "1", aliases, names, trusted)
@@ -130,7 +131,7 @@ def _register_in(
     manifest = _manifest(folder, versions)
     if aliases:
         manifest["aliases"] = {**manifest.get("aliases", {}), **dict.fromkeys(aliases, version)}
-    default = check_manifest(manifest, folder / MANIFEST, versions, "on")["default"]
+    default = check_manifest(manifest, folder / MANIFEST, versions)["default"]
     if placed is None:
         meta = _copy_in(path, root, name, version, names, trusted)
     else:
@@ -335,9 +336,9 @@ def _version(name: str, version: str, versions: list[str]) -> None:
 
 def _manifest(folder: Path, versions: list[str]) -> dict:
     """A model's manifest as written (absent: {}), once it passes startup's checks against these versions."""
-    path = folder / MANIFEST
-    read_manifest(path, versions, "on")
-    return json.loads(path.read_text()) if path.exists() else {}
+    manifest = raw_manifest(folder / MANIFEST)
+    check_manifest(manifest, folder / MANIFEST, versions)
+    return manifest
 
 
 def _placed(root: Path, artifact: Path) -> tuple[str, str] | None:

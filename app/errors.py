@@ -17,10 +17,20 @@ _CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type",
+    417: "expectation_failed",
+    431: "headers_too_large",
     500: "internal_error",
+    501: "not_implemented",
     503: "unavailable",
 }
+
+
+def code_for(status: int) -> str:
+    """The machine-readable code for an HTTP status: the app's errors and the ones gunicorn answers itself."""
+    return _CODES.get(status, "http_error")
+
 
 # Werkzeug's default descriptions are written for HTML pages; these tell an API caller what to do.
 _MESSAGES = {
@@ -63,7 +73,7 @@ def render_http_error(e: HTTPException) -> Response:
     status = e.code or 500
     message = _MESSAGES.get(status) or e.description or "Request failed."
     headers = {"Allow": ", ".join(e.valid_methods)} if getattr(e, "valid_methods", None) else None
-    return error_response(status, _CODES.get(status, "http_error"), message, headers)
+    return error_response(status, code_for(status), message, headers)
 
 
 def render_unreadable_body(e: ParseException) -> Response:

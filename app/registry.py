@@ -122,8 +122,8 @@ def write_metadata(
 ) -> dict:
     """Check an estimator already dumped at path as startup would, then write its metadata (with the artifact's
     sha256) atomically, so a refused model never replaces a good metadata file."""
-    names, _ = check_estimator(estimator, path, feature_names)
-    classes = getattr(estimator, "classes_", None)
+    names, n_features = check_estimator(estimator, path, feature_names)
+    classes, task = _classes_and_task(estimator)
     meta = {
         "name": name,
         "version": version,
@@ -132,9 +132,9 @@ def write_metadata(
         "sklearn_version": sklearn.__version__,
         "feature_names": names,
         # Read without unpickling (the curl `make run` prints for a model with no names or sample rows).
-        "n_features": int(estimator.n_features_in_),
-        "classes": np.asarray(classes).tolist() if classes is not None else None,
-        "task": "classification" if classes is not None else "regression",
+        "n_features": n_features,
+        "classes": classes,
+        "task": task,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         # Rows the compiled backend is checked against at load time.
         "sample_rows": np.asarray(sample_rows, dtype=np.float64).tolist() if sample_rows is not None else None,
@@ -237,7 +237,7 @@ def load_model(
     check_sklearn_version(meta.get("sklearn_version"), path, strict_sklearn)
     estimator = open_artifact(path, trusted_types or [])
     names, n_features = check_estimator(estimator, path, meta.get("feature_names"))
-    classes = getattr(estimator, "classes_", None)
+    classes, task = _classes_and_task(estimator)
     return Model(
         name=meta["name"],
         version=str(meta["version"]),
@@ -246,10 +246,18 @@ def load_model(
         estimator=estimator,
         n_features=n_features,
         feature_names=names,
-        classes=np.asarray(classes).tolist() if classes is not None else None,
-        task="classification" if classes is not None else "regression",
+        classes=classes,
+        task=task,
         metadata=meta,
     )
+
+
+def _classes_and_task(estimator: Any) -> tuple[list | None, str]:
+    """A fitted estimator's class labels as plain values (None for a regressor), and its task."""
+    classes = getattr(estimator, "classes_", None)
+    if classes is None:
+        return None, "regression"
+    return np.asarray(classes).tolist(), "classification"
 
 
 def _estimator_feature_names(estimator: Any) -> list[str] | None:
@@ -488,27 +496,34 @@ def version_folders(folder: Path) -> dict[str, Path]:
     return versions
 
 
-def read_manifest(path: Path, versions: list[str], cache_default: str) -> dict:
+def raw_manifest(path: Path) -> dict:
+    """A model's manifest as written (absent: {}), or StartupError if it is not a readable JSON object."""
+    if not path.exists():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise StartupError(f"manifest {path} is unreadable: {e}") from None
+    if type(manifest) is not dict:
+        raise StartupError(f"manifest {path} must be a JSON object with keys {', '.join(_MANIFEST_KEYS)}")
+    return manifest
+
+
+def read_manifest(path: Path, versions: list[str], cache_default: str = CACHE_POLICIES[0]) -> dict:
     """A model's manifest (absent: the defaults) checked against its version folders: {default, aliases, traffic,
     cache}; StartupError naming the file and the key."""
-    manifest = {}
-    if path.exists():
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise StartupError(f"manifest {path} is unreadable: {e}") from None
-        if type(manifest) is not dict:
-            raise StartupError(f"manifest {path} must be a JSON object with keys {', '.join(_MANIFEST_KEYS)}")
-    return check_manifest(manifest, path, versions, cache_default)
+    return check_manifest(raw_manifest(path), path, versions, cache_default)
 
 
-def write_manifest(path: Path, manifest: dict, versions: list[str]) -> None:
-    """Write a manifest atomically, after the checks startup makes, so the CLI never writes one startup refuses."""
-    check_manifest(manifest, path, versions, CACHE_POLICIES[0])
+def write_manifest(path: Path, manifest: dict, versions: list[str]) -> dict:
+    """Write a manifest atomically, after the checks startup makes, so the CLI never writes one startup refuses;
+    return what the checks made of it."""
+    checked = check_manifest(manifest, path, versions)
     write_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    return checked
 
 
-def check_manifest(manifest: dict, path: Path, versions: list[str], cache_default: str) -> dict:
+def check_manifest(manifest: dict, path: Path, versions: list[str], cache_default: str = CACHE_POLICIES[0]) -> dict:
     """A manifest's keys checked against the version folders: {default, aliases, traffic, cache}; StartupError
     naming the file and the key."""
 

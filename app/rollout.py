@@ -8,13 +8,11 @@ from pathlib import Path
 
 from flask import Flask
 
-from app import request_log
+from app.audit import audit
 from app.errors import StartupError
 from app.registry import Registry, load_registry, version_key
 
 log = logging.getLogger(__name__)
-# Audit lines carry the audit module's logger name, wherever they are written from.
-audit_log = logging.getLogger("app.audit")
 ACTION = "admin.rollout"
 
 
@@ -31,12 +29,12 @@ def reload_registry(app: Flask) -> tuple[bool, str]:
             log.exception("rollout failed unexpectedly")
         reason = public_reason(str(e), app.config)
         log.error("rollout refused, still serving generation %d: %s", old.generation, e)
-        _audit("refused", reason, generation=old.generation)
+        audit(ACTION, "refused", reason, step="load", generation=old.generation)
         return False, reason
     new.generation = old.generation + 1
     app.extensions["sibyl.registry"] = new
     changed = changes(old, new)
-    _audit("ok", None, generation=new.generation, loaded_at=new.loaded_at, models=changed)
+    audit(ACTION, "ok", step="load", generation=new.generation, loaded_at=new.loaded_at, models=changed)
     return True, f"generation {new.generation}: {summary(changed)}"
 
 
@@ -97,20 +95,3 @@ def public_reason(message: str, config: Mapping) -> str:
     if os.path.isabs(root):  # a bare relative name ("models") may also be a plain word of the message
         message = re.sub(re.escape(root) + r"(?=[\s;,)]|$)", "MODEL_DIR", message)
     return message
-
-
-def _audit(outcome: str, reason: str | None, **fields) -> None:
-    """The line app.audit.audit writes, from the master: no request, so no request id, caller or address."""
-    line = {
-        "event": "audit",
-        "request_id": None,
-        "pid": os.getpid(),
-        "remote_addr": None,
-        "user": None,
-        "action": ACTION,
-        "outcome": outcome,
-        "reason": reason,
-        "step": "load",
-        **fields,
-    }
-    request_log.write(audit_log, logging.INFO if outcome == "ok" else logging.WARNING, "audit", line)

@@ -104,8 +104,8 @@ def _predict(model: Model) -> Response:
     # Parse Cache-Control only when sent: werkzeug's parser costs more than the rest of a cache hit. Lowercased
     # first: directives are case-insensitive (RFC 9111 5.2), werkzeug matches them exactly.
     lookup, store = True, True
-    if "Cache-Control" in request.headers:
-        cc = parse_cache_control_header(request.headers["Cache-Control"].lower(), cls=RequestCacheControl)
+    if sent := request.environ.get("HTTP_CACHE_CONTROL"):
+        cc = parse_cache_control_header(sent.lower(), cls=RequestCacheControl)
         lookup, store = not cc.no_cache, not cc.no_store
     cache = current_app.extensions["sibyl.cache"]
     result = pipeline.predict(model, X, proba, cache, lookup=lookup, store=store, user=auth.current_user())
