@@ -37,10 +37,9 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["sibyl.registry"] = load_registry(app.config, cache.round_trip)
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
     from app import admin, health, openapi
-    from app.protocols import native
+    from app.protocols import native, refuse_encoded_slash
 
-    app.register_blueprint(health.bp)
-    app.register_blueprint(native.bp)
-    app.register_blueprint(admin.bp)
-    app.register_blueprint(openapi.bp)
+    app.before_request(refuse_encoded_slash)
+    for module in (health, native, admin, openapi):
+        app.register_blueprint(module.bp)
     return app

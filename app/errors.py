@@ -1,9 +1,10 @@
-"""One JSON error shape for every failure: {"error": {"code", "message", "request_id"}}."""
+"""One JSON error shape per protocol: Sibyl's own is {"error": {"code", "message", "request_id"}}."""
 
 import logging
+from collections.abc import Callable
 
 import orjson
-from flask import Blueprint, Flask, Response, g
+from flask import Blueprint, Flask, Response, g, has_request_context, request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException
 
@@ -57,9 +58,19 @@ def error_body(code: str, message: str, request_id: str | None) -> bytes:
     return orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
 
 
+# A protocol's error body from (status, code, message, request_id), by the name of the blueprint that serves it.
+Shape = Callable[[int, str, str, str | None], dict]
+_SHAPES: dict[str, Shape] = {}
+
+
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
-    """Build the response every non-2xx answer from the app uses."""
-    body = error_body(code, message, g.get("request_id"))
+    """Build the response every non-2xx answer from the app uses, in the shape of the protocol that was called
+    (so auth's 401 and Werkzeug's 413 reach an MLflow client in MLflow's shape)."""
+    shape = _SHAPES.get(request.blueprint) if has_request_context() and request.blueprint else None
+    if shape is None:
+        body = error_body(code, message, g.get("request_id"))
+    else:
+        body = orjson.dumps(shape(status, code, message, g.get("request_id")))
     return Response(body, status=status, headers=headers, mimetype="application/json")
 
 
@@ -89,9 +100,10 @@ def render_crash(e: Exception) -> Response:
     return error_response(500, "internal_error", "Internal server error; quote the request_id when reporting it.")
 
 
-def register_handlers(target: Flask | Blueprint) -> None:
-    """Render every failure of an app or a blueprint in this one shape (a protocol with its own shape registers
-    its own renderers on its own blueprint instead)."""
+def register_handlers(target: Flask | Blueprint, shape: Shape | None = None) -> None:
+    """Render every failure of an app or a blueprint: in Sibyl's shape, or in a protocol's own shape when given."""
+    if shape is not None:
+        _SHAPES[target.name] = shape
     target.register_error_handler(ApiError, render_api_error)
     target.register_error_handler(HTTPException, render_http_error)
     target.register_error_handler(ParseException, render_unreadable_body)

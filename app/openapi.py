@@ -1,6 +1,7 @@
 """GET /openapi.json: the API described from the app's routes and the registry; GET /docs: Swagger UI to try it."""
 
 import inspect
+import sys
 
 from flask import Blueprint, Flask, Response, current_app, url_for
 
@@ -13,12 +14,12 @@ bp = Blueprint("openapi", __name__)
 # model names, feature names, shapes and one sample row per model (the row /ready sends; the model's owner ships it
 # in the metadata as a sample). It carries nothing about where or how Sibyl runs: no `servers` host (relative "/"),
 # no filesystem paths, no library or artifact versions, no digests or backends (those stay behind auth, GET /models).
-# /docs is a static page; every call it makes to the API goes through the same auth as curl's.
+# /docs is a static page; every call it makes to the API goes through the same auth as curl's. A protocol module
+# lists its own public endpoints (health probes) in its PUBLIC.
 PUBLIC = frozenset({"health.health", "health.ready", "openapi.spec", "openapi.docs"})
 _ADMIN_PREFIX = "admin."
 # Endpoints that serve files, not API operations.
 _NOT_OPERATIONS = frozenset({"static"})
-_PREDICT = frozenset({"native.predict", "native.predict_model", "native.predict_version"})
 _METHODS = ("get", "post", "put", "patch", "delete")
 
 _ERRORS = {
@@ -70,6 +71,8 @@ window.ui = SwaggerUIBundle({{url: "{url_for("openapi.spec")}", dom_id: "#swagge
 def document(app: Flask) -> dict:
     """The OpenAPI 3.1 document for app: one operation per (rule, method), schemas from the registry."""
     registry: Registry = app.extensions["sibyl.registry"]
+    protocols = {_protocol(rule.endpoint) for rule in operation_endpoints(app)} - {None}
+    shapes = dict(p.ERROR_SCHEMA for p in sorted(protocols, key=lambda p: p.__name__) if hasattr(p, "ERROR_SCHEMA"))
     paths: dict[str, dict] = {}
     for rule in sorted(operation_endpoints(app), key=lambda r: r.rule):
         path = rule.rule.replace("<", "{").replace(">", "}")
@@ -86,18 +89,23 @@ def document(app: Flask) -> dict:
         "servers": [{"url": "/"}],  # relative: the document never names the host it was fetched from
         "paths": paths,
         "components": {
-            "schemas": {"Error": _ERROR_SCHEMA, "ModelRef": _MODEL_REF},
+            "schemas": {"Error": _ERROR_SCHEMA, "ModelRef": _MODEL_REF} | shapes,
             "securitySchemes": {
                 "basic": {"type": "http", "scheme": "basic", "description": "user name and API key"},
                 "bearer": {"type": "http", "scheme": "bearer", "description": "the API key itself"},
             },
-            "responses": {str(status): _error_response(text) for status, text in _ERRORS.items()},
+            "responses": {
+                _error_key(shape, status): _error_response(text, shape)
+                for shape in ["Error", *shapes]
+                for status, text in _ERRORS.items()
+            },
         },
     }
 
 
 def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
-    """One operation: summary from the view's docstring, parameters, body, responses, security."""
+    """One operation: summary from the view's docstring, parameters, security and errors here; the body and the
+    answer from the protocol module that serves it (its openapi_operation), in that protocol's error shape."""
     endpoint = rule.endpoint
     view = inspect.unwrap(app.view_functions[endpoint])
     doc = inspect.getdoc(view) or endpoint
@@ -109,7 +117,8 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
     if params:
         op["parameters"] = sorted(params, key=lambda p: rule.rule.index(f"<{p['name']}>"))
     statuses = [500]
-    if endpoint not in PUBLIC:
+    protocol = _protocol(endpoint)
+    if endpoint not in PUBLIC and endpoint not in getattr(protocol, "PUBLIC", ()):
         op["security"] = [{"basic": []}, {"bearer": []}]
         statuses.append(401)
     if endpoint.startswith(_ADMIN_PREFIX):
@@ -121,26 +130,30 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
     if endpoint == "health.ready":
         statuses.append(503)
     ok: dict = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
-    if endpoint in _PREDICT:
-        statuses += [400, 404, 413, 415, 503]
-        models = _models_for(endpoint, registry)
-        op["requestBody"] = _predict_body(endpoint, models, app.config["MAX_ROWS"])
-        ok = {
-            "description": "One prediction per row, and which model version answered.",
-            "headers": {
-                "X-Cache": {
-                    "description": "HIT, MISS, PARTIAL, BYPASS or OFF: what the cache answered",
-                    "schema": {"type": "string"},
-                },
-                "X-Cache-Hits": {"description": "how many rows the cache answered", "schema": {"type": "string"}},
-            },
-            "content": {"application/json": {"schema": _PREDICT_RESPONSE}},
-        }
-    elif endpoint == "openapi.docs":
+    if endpoint == "openapi.docs":
         ok = {"description": "Swagger UI", "content": {"text/html": {"schema": {"type": "string"}}}}
+    parts = protocol.openapi_operation(endpoint, method, registry, app.config) if protocol else None
+    if parts:
+        ok = parts.get("ok", ok)
+        statuses += parts.get("statuses", [])
+        if "requestBody" in parts:
+            op["requestBody"] = parts["requestBody"]
+    shape = protocol.ERROR_SCHEMA[0] if protocol and hasattr(protocol, "ERROR_SCHEMA") else "Error"
     op["responses"] = {"202" if endpoint == "admin.rollout" else "200": ok}
-    op["responses"].update({str(s): {"$ref": f"#/components/responses/{s}"} for s in sorted(set(statuses))})
+    op["responses"].update(
+        {str(s): {"$ref": f"#/components/responses/{_error_key(shape, s)}"} for s in sorted(set(statuses))}
+    )
     return op
+
+
+def _protocol(endpoint: str):
+    """The protocol module (app.protocols.<blueprint>) that serves an endpoint, if it is one."""
+    return sys.modules.get(f"app.protocols.{endpoint.split('.')[0]}")
+
+
+def _error_key(shape: str, status: int) -> str:
+    """The components/responses key of a status in an error shape: "400" in Sibyl's, "MlflowError400" in another."""
+    return str(status) if shape == "Error" else f"{shape}{status}"
 
 
 def _path_parameter(arg: str, registry: Registry) -> dict:
@@ -166,72 +179,60 @@ def _path_parameter(arg: str, registry: Registry) -> dict:
     }
 
 
-def _models_for(endpoint: str, registry: Registry) -> dict[str, Model]:
-    """The models a predict route may answer with, keyed by name: the default model for /predict, else every model's
-    default version (other versions may take other features; the version route lists them all)."""
-    if endpoint == "native.predict":
+def models_for(route: str, registry: Registry) -> dict[str, Model]:
+    """The models a predict route may answer with, keyed by the example's name: route "default" (the default model),
+    "model" (every model's default version; other versions may take other features) or "version" (every loaded
+    version, keyed "name version")."""
+    if route == "default":
         if registry.default_model is None:
             return {}
         entry = registry.entries[registry.default_model]
         return {entry.name: entry.versions[entry.default]}
-    if endpoint == "native.predict_version":
+    if route == "version":
         return {f"{m.name} {m.version}": m for m in registry.loaded()}
     return {name: entry.versions[entry.default] for name, entry in sorted(registry.entries.items())}
 
 
-def _predict_body(endpoint: str, models: dict[str, Model], max_rows: int) -> dict:
-    """The request body: one schema per model (anyOf when several), with an example from each one's sample row."""
-    schemas = []
-    for model in models.values():
-        schema = _request_schema(model, max_rows)
-        if schema not in schemas:
-            schemas.append(schema)
-    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas} if schemas else {"type": "object"}
-    media: dict = {"schema": schema}
-    examples = {key: {"summary": key, "value": {"features": [m.sample_row]}} for key, m in models.items()}
-    if endpoint == "native.predict" and examples:
-        media["example"] = next(iter(examples.values()))["value"]
-    elif examples:
-        media["examples"] = examples
-    return {"required": True, "content": {"application/json": media}}
-
-
-def _request_schema(model: Model, max_rows: int) -> dict:
-    """What a model takes: rows of n_features numbers, or objects keyed by its feature names."""
+def row_schema(model: Model) -> dict:
+    """One row as a list of the model's n_features numbers."""
     n = model.n_features
-    row = {"type": "array", "items": {"type": "number"}, "minItems": n, "maxItems": n}
-    rows = {"type": "array", "items": row, "minItems": 1, "maxItems": max_rows}
-    instance = row
-    if model.feature_names:
-        named = {
-            "type": "object",
-            "properties": {name: {"type": "number"} for name in model.feature_names},
-            "required": list(model.feature_names),
-            "additionalProperties": False,
-        }
-        instance = {"anyOf": [row, named]}
-    proba = {"type": "boolean", "description": "Add each row's class probabilities."}
-    if not model.has_proba:
-        proba = {"type": "boolean", "enum": [False], "description": f"{model.task} model: no probabilities."}
-    return {
-        "title": f"{model.name} {model.version}",
+    return {"type": "array", "items": {"type": "number"}, "minItems": n, "maxItems": n}
+
+
+def instance_schema(model: Model) -> dict:
+    """One row as a list, or (when the model has feature names) as an object keyed by them."""
+    if not model.feature_names:
+        return row_schema(model)
+    named = {
         "type": "object",
-        "properties": {
-            "features": rows | {"description": f"Rows of {n} numbers, in the model's feature order."},
-            "instances": {"type": "array", "items": instance, "minItems": 1, "maxItems": max_rows}
-            | {"description": "Rows as arrays, or as objects keyed by feature name."},
-            "probabilities": proba,
-        },
-        "oneOf": [{"required": ["features"]}, {"required": ["instances"]}],
+        "properties": {name: {"type": "number"} for name in model.feature_names},
+        "required": list(model.feature_names),
         "additionalProperties": False,
     }
+    return {"anyOf": [row_schema(model), named]}
 
 
-def _error_response(description: str) -> dict:
-    """A documented error status, always in the one error shape."""
+def one_of_models(schemas: list[dict]) -> dict:
+    """One schema for a route's models: the schema itself, anyOf when they differ, any object when none."""
+    unique = [s for i, s in enumerate(schemas) if s not in schemas[:i]]
+    return unique[0] if len(unique) == 1 else {"anyOf": unique} if unique else {"type": "object"}
+
+
+def json_body(schema: dict, examples: dict[str, dict], single: bool, media: str = "application/json") -> dict:
+    """A required request body: its schema, and one example per model (a single "example" when single)."""
+    content: dict = {"schema": schema}
+    if single and examples:
+        content["example"] = next(iter(examples.values()))
+    elif examples:
+        content["examples"] = {key: {"summary": key, "value": value} for key, value in examples.items()}
+    return {"required": True, "content": {media: content}}
+
+
+def _error_response(description: str, shape: str) -> dict:
+    """A documented error status in one protocol's error shape."""
     return {
         "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape}"}}},
     }
 
 
@@ -254,17 +255,4 @@ _MODEL_REF = {
     "type": "object",
     "required": ["name", "version"],
     "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
-}
-_PREDICT_RESPONSE = {
-    "type": "object",
-    "required": ["predictions", "model"],
-    "properties": {
-        "predictions": {"type": "array", "items": {"type": ["number", "string", "boolean"]}},
-        "model": {"$ref": "#/components/schemas/ModelRef"},
-        "probabilities": {
-            "type": "array",
-            "description": "Per row, each class label's probability (when asked).",
-            "items": {"type": "object", "additionalProperties": {"type": "number"}},
-        },
-    },
 }

@@ -45,6 +45,56 @@ def to_matrix(rows: object, model: Model, max_rows: int, field: str = "features"
     return X
 
 
+def column_order(names: object, model: Model, where: str) -> list[int] | None:
+    """Where each of the model's features is among the named columns sent (None: already in order), or a 400 naming
+    the missing and unknown columns. A model without feature names takes its columns in the order sent."""
+    if not isinstance(names, list) or not all(type(n) is str for n in names):
+        raise invalid(f"{where} must be a list of column names (strings)")
+    if len(set(names)) != len(names):
+        dup = next(n for i, n in enumerate(names) if n in names[:i])
+        raise invalid(f"{where} names column {field_name(dup)} more than once")
+    expected = model.feature_names
+    if expected is None:
+        if len(names) != model.n_features:
+            raise invalid(f"{where} names {len(names)} columns; the model expects {model.n_features}")
+        return None
+    missing = [n for n in expected if n not in set(names)]
+    unknown = sorted(set(names) - set(expected))
+    if missing or unknown:
+        parts = [f"missing {', '.join(map(field_name, missing))}"] if missing else []
+        parts += [f"unknown {', '.join(map(field_name, unknown))}"] if unknown else []
+        raise invalid(f"{where}: {'; '.join(parts)}; the model expects {', '.join(expected)}")
+    if names == list(expected):
+        return None
+    position = {n: i for i, n in enumerate(names)}
+    return [position[n] for n in expected]
+
+
+def from_columns(columns: dict, model: Model, max_rows: int, field: str) -> np.ndarray:
+    """An object of named columns ({"a": [1, 2], "b": [3, 4]}, a scalar for one row) as the model's matrix."""
+    if not columns:
+        raise invalid(f"{field} must be an object of columns, one list of values per feature name")
+    names = list(columns)
+    order = column_order(names, model, field)
+    values = [v if type(v) is list else [v] for v in columns.values()]
+    lengths = {len(v) for v in values}
+    if len(lengths) != 1:
+        raise invalid(f"the columns of {field} have different lengths ({', '.join(map(str, sorted(lengths)))})")
+    if order is not None:
+        values = [values[j] for j in order]
+    return to_matrix([list(row) for row in zip(*values)], model, max_rows, field)
+
+
+def reorder(rows: object, order: list[int] | None, width: int, field: str) -> object:
+    """Rows whose values follow the columns sent, put in the model's order (checked for width first)."""
+    if order is None or not isinstance(rows, list):
+        return rows
+    for i, row in enumerate(rows):
+        if type(row) is not list or len(row) != width:
+            raise invalid(f"{field}[{i}] must be a list of {width} values, one per column")
+    return [[row[j] for j in order] for row in rows]
+
+
 def _named_row(row: dict, model: Model, where: str) -> list:
     """Order an object's values by the model's feature names, or say which names are wrong."""
     names = model.feature_names

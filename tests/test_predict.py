@@ -44,11 +44,13 @@ def test_predictions_match_the_estimator(client, iris_path):
         {"instances": IRIS_ROWS},
         {"instances": NAMED},
         {"instances": [IRIS_ROWS[0], NAMED[1]]},
+        {"data": IRIS_ROWS},
+        {"data": NAMED},
     ],
-    ids=["features", "instances-lists", "instances-named", "mixed"],
+    ids=["features", "instances-lists", "instances-named", "mixed", "data", "data-named"],
 )
 def test_request_shapes_agree(client, body):
-    """Lists, named objects in any key order, and mixes all mean the same rows."""
+    """Lists, named objects in any key order, and mixes all mean the same rows; "data" is a synonym."""
     assert post(client, body).json["predictions"] == ["setosa", "virginica"]
 
 
@@ -130,3 +132,9 @@ def test_gzip_body_is_accepted(client, encoding):
         )
         assert r.status_code == 200
         assert r.json["predictions"] == ["setosa", "virginica"]
+
+
+def test_rows_in_two_fields_are_refused(client):
+    """Only one of features, instances and data: two would leave which rows count to a guess."""
+    r = post(client, {"features": IRIS_ROWS, "data": IRIS_ROWS})
+    assert r.status_code == 400 and '"data"' in r.json["error"]["message"]

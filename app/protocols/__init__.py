@@ -1,16 +1,23 @@
 """(2) Wire formats: each protocol module turns its request into rows and a pipeline result into its reply.
 
-Each protocol owns a blueprint and renders its own errors on it (bp.register_error_handler; native.py uses
-errors.register_handlers for Sibyl's one shape), so a protocol with another error shape never leaks Sibyl's."""
+Each protocol owns a blueprint and renders its errors on it with errors.register_handlers(bp, shape), so an MLflow
+client gets MLflow's error shape, auth's 401 included. Everything else a protocol needs is here, once: reading the
+body, and run(), which calls the one pipeline and logs what it did."""
 
 import zlib
 
+import numpy as np
 import orjson
-from flask import Response, current_app, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from flask import Response, current_app, g, request
+from werkzeug.datastructures import RequestCacheControl
+from werkzeug.exceptions import NotFound, RequestEntityTooLarge
+from werkzeug.http import parse_cache_control_header
 
+from app import pipeline
+from app.auth import auth
 from app.errors import ApiError
 from app.pipeline import Prediction
+from app.registry import Model
 
 # numpy scalars can reach a reply (e.g. model metadata); orjson writes them natively.
 _DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
@@ -21,6 +28,25 @@ def read_json() -> dict:
     """The request body (gzip or not) as a JSON object, or 415/413/400 saying what to send instead."""
     if not request.is_json:
         raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json.")
+    return parse_json(read_body())
+
+
+def parse_json(data: bytes) -> dict:
+    """A body's bytes as a JSON object, or a 400 saying what is wrong with it (never quoting it)."""
+    if not data:
+        raise ApiError(400, "invalid_json", 'The request body is empty; send e.g. {"features": [[...]]}.')
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        # orjson's message gives the position, never the content; NaN and Infinity are not JSON.
+        raise ApiError(400, "invalid_json", f"The body is not valid JSON ({e}).") from None
+    if type(body) is not dict:
+        raise ApiError(400, "invalid_json", 'The body must be a JSON object, e.g. {"features": [[...]]}.')
+    return body
+
+
+def read_body() -> bytes:
+    """The request body's bytes, inflated when gzip, within MAX_BODY_BYTES (413 past it); b"" when none was sent."""
     # The body is read from wsgi.input directly, chunked or not. Werkzeug's limited stream would cut a chunked
     # body at the limit without a word (it would then read as broken JSON), and its wrapping costs more than
     # the read itself (about 10 us a request).
@@ -36,16 +62,7 @@ def read_json() -> dict:
             raise RequestEntityTooLarge()
     if "HTTP_CONTENT_ENCODING" in environ:
         data = _decode_body(data, environ["HTTP_CONTENT_ENCODING"], limit)
-    if not data:
-        raise ApiError(400, "invalid_json", 'The request body is empty; send e.g. {"features": [[...]]}.')
-    try:
-        body = orjson.loads(data)
-    except orjson.JSONDecodeError as e:
-        # orjson's message gives the position, never the content; NaN and Infinity are not JSON.
-        raise ApiError(400, "invalid_json", f"The body is not valid JSON ({e}).") from None
-    if type(body) is not dict:
-        raise ApiError(400, "invalid_json", 'The body must be a JSON object, e.g. {"features": [[...]]}.')
-    return body
+    return data
 
 
 def _decode_body(data: bytes, encoding: str, limit: int) -> bytes:
@@ -81,3 +98,37 @@ def json_response(payload: dict, status: int = 200, headers: dict | None = None)
 def cache_headers(result: Prediction) -> dict:
     """X-Cache tells callers whether the answer came from the cache, and for how many rows."""
     return {"X-Cache": result.cache, "X-Cache-Hits": str(result.hits)}
+
+
+def log_model(model: Model) -> None:
+    """Name the model in the request's log line (called before the body is read, so a refused body's line says
+    which model it was sent to)."""
+    g.log.update(model=model.name, version=model.version)
+
+
+def run(model: Model, X: np.ndarray, proba: bool) -> Prediction:
+    """The one pipeline for every protocol: Cache-Control honoured, keys scoped to the caller, the outcome logged."""
+    # Parse Cache-Control only when sent: werkzeug's parser costs more than the rest of a cache hit. Lowercased
+    # first: directives are case-insensitive (RFC 9111 5.2), werkzeug matches them exactly.
+    lookup, store = True, True
+    if sent := request.environ.get("HTTP_CACHE_CONTROL"):
+        cc = parse_cache_control_header(sent.lower(), cls=RequestCacheControl)
+        lookup, store = not cc.no_cache, not cc.no_store
+    cache = current_app.extensions["sibyl.cache"]
+    result = pipeline.predict(model, X, proba, cache, lookup=lookup, store=store, user=auth.current_user())
+    g.log.update(rows=len(X), cache=result.cache, cache_hits=result.hits)
+    g.timings = result.timings
+    return result
+
+
+def max_rows() -> int:
+    """MAX_ROWS, the most rows one request may carry."""
+    return current_app.config["MAX_ROWS"]
+
+
+def refuse_encoded_slash() -> None:
+    """404 for a %2F in the path, app-wide. The server decodes it before routing, so /models/a%2Fversions%2F2/predict
+    would reach another route as name "a", version "2"; no model or version name holds a slash."""
+    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or ""
+    if "%2f" in raw.partition("?")[0].lower():
+        raise NotFound()

@@ -1,14 +1,12 @@
 """Sibyl's own protocol: POST /predict and /models/<name>[/versions/<v>]/predict, GET /models, in Sibyl's shapes."""
 
-from flask import Blueprint, Response, current_app, g, request
-from werkzeug.datastructures import RequestCacheControl
-from werkzeug.exceptions import NotFound
-from werkzeug.http import parse_cache_control_header
+from flask import Blueprint, Response, current_app, request
 
-from app import errors, pipeline
+from app import errors
 from app.auth import auth
 from app.errors import ApiError
-from app.protocols import cache_headers, json_response, read_json
+from app.openapi import instance_schema, json_body, models_for, one_of_models, row_schema
+from app.protocols import cache_headers, json_response, log_model, max_rows, read_json, run
 from app.registry import Model, Registry
 from app.validation import field_name, invalid, to_matrix
 
@@ -18,7 +16,8 @@ bp = Blueprint("native", __name__)
 # what no blueprint owns (unknown URLs, wrong methods).
 errors.register_handlers(bp)
 
-_FIELDS = ("features", "instances")
+# "data" is the key a widely copied Flask tutorial sends; it means what "features" means.
+_FIELDS = ("features", "instances", "data")
 _KEYS = {*_FIELDS, "probabilities"}
 _TRUE = {"1", "true", "yes"}
 _FLAGS = _TRUE | {"", "0", "false", "no"}
@@ -26,15 +25,6 @@ _NO_DEFAULT = (
     "Several models are served and DEFAULT_MODEL is not set: POST to /models/<name>/predict (GET /models lists "
     "them), or set DEFAULT_MODEL."
 )
-
-
-@bp.before_request
-def _refuse_encoded_slash() -> None:
-    """404 for a %2F in the path. The server decodes it before routing, so /models/a%2Fversions%2F2/predict would
-    reach another route as name "a", version "2"; no model or version name holds a slash."""
-    raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or ""
-    if "%2f" in raw.partition("?")[0].lower():
-        raise NotFound()
 
 
 @bp.post("/predict")
@@ -93,24 +83,13 @@ def _registry() -> Registry:
 
 def _predict(model: Model) -> Response:
     """Predict every row of the body with model; add class probabilities when asked."""
-    # Logged from here on, so a refused body's line still says which model it was sent to.
-    g.log.update(model=model.name, version=model.version)
+    log_model(model)
     body = read_json()
     field = _rows_field(body)
     proba = _wants_probabilities(body)
     if proba and not model.has_proba:
         raise invalid(f"model {model.name} is a {model.task} model and gives no probabilities; drop 'probabilities'")
-    X = to_matrix(body[field], model, current_app.config["MAX_ROWS"], field)
-    # Parse Cache-Control only when sent: werkzeug's parser costs more than the rest of a cache hit. Lowercased
-    # first: directives are case-insensitive (RFC 9111 5.2), werkzeug matches them exactly.
-    lookup, store = True, True
-    if sent := request.environ.get("HTTP_CACHE_CONTROL"):
-        cc = parse_cache_control_header(sent.lower(), cls=RequestCacheControl)
-        lookup, store = not cc.no_cache, not cc.no_store
-    cache = current_app.extensions["sibyl.cache"]
-    result = pipeline.predict(model, X, proba, cache, lookup=lookup, store=store, user=auth.current_user())
-    g.log.update(rows=len(X), cache=result.cache, cache_hits=result.hits)
-    g.timings = result.timings
+    result = run(model, to_matrix(body[field], model, max_rows(), field), proba)
     answered = {"name": result.model.name, "version": result.model.version}
     payload = {"predictions": result.predictions, "model": answered}
     if result.probabilities is not None:
@@ -122,11 +101,11 @@ def _rows_field(body: dict) -> str:
     """Which key holds the rows; unknown keys are refused so a typo is not silently ignored."""
     unknown = sorted(set(body) - _KEYS)
     if unknown:
-        hint = "the body takes 'features' or 'instances', and 'probabilities'"
+        hint = "the body takes 'features' (or 'instances' or 'data'), and 'probabilities'"
         raise invalid(f"unknown field {field_name(unknown[0])}; {hint}")
     present = [f for f in _FIELDS if f in body]
     if len(present) != 1:
-        raise invalid('send the rows in exactly one of "features" or "instances", e.g. {"features": [[...]]}')
+        raise invalid('send the rows in exactly one of "features", "instances" or "data", e.g. {"features": [[...]]}')
     return present[0]
 
 
@@ -139,3 +118,67 @@ def _wants_probabilities(body: dict) -> bool:
     if arg not in _FLAGS:
         raise invalid("?probabilities= must be true or false")
     return flag or arg in _TRUE
+
+
+_ROUTES = {"native.predict": "default", "native.predict_model": "model", "native.predict_version": "version"}
+
+
+def openapi_operation(endpoint: str, method: str, registry: Registry, config) -> dict | None:
+    """This protocol's part of an operation in GET /openapi.json: the predict routes' bodies and answers."""
+    if endpoint not in _ROUTES:
+        return None
+    models = models_for(_ROUTES[endpoint], registry)
+    schema = one_of_models([_request_schema(m, config["MAX_ROWS"]) for m in models.values()])
+    examples = {key: {"features": [m.sample_row]} for key, m in models.items()}
+    ok = {
+        "description": "One prediction per row, and which model version answered.",
+        "headers": {
+            "X-Cache": {
+                "description": "HIT, MISS, PARTIAL, BYPASS or OFF: what the cache answered",
+                "schema": {"type": "string"},
+            },
+            "X-Cache-Hits": {"description": "how many rows the cache answered", "schema": {"type": "string"}},
+        },
+        "content": {"application/json": {"schema": _PREDICT_RESPONSE}},
+    }
+    return {
+        "requestBody": json_body(schema, examples, single=endpoint == "native.predict"),
+        "ok": ok,
+        "statuses": [400, 404, 413, 415, 503],
+    }
+
+
+def _request_schema(model: Model, max_rows: int) -> dict:
+    """What a model takes: rows of n_features numbers, or objects keyed by its feature names."""
+    rows = {"type": "array", "items": row_schema(model), "minItems": 1, "maxItems": max_rows}
+    instances = {"type": "array", "items": instance_schema(model), "minItems": 1, "maxItems": max_rows}
+    proba = {"type": "boolean", "description": "Add each row's class probabilities."}
+    if not model.has_proba:
+        proba = {"type": "boolean", "enum": [False], "description": f"{model.task} model: no probabilities."}
+    return {
+        "title": f"{model.name} {model.version}",
+        "type": "object",
+        "properties": {
+            "features": rows | {"description": f"Rows of {model.n_features} numbers, in the model's feature order."},
+            "instances": instances | {"description": "Rows as arrays, or as objects keyed by feature name."},
+            "data": instances | {"description": "The same as instances (the key some tutorials send)."},
+            "probabilities": proba,
+        },
+        "oneOf": [{"required": [field]} for field in _FIELDS],
+        "additionalProperties": False,
+    }
+
+
+_PREDICT_RESPONSE = {
+    "type": "object",
+    "required": ["predictions", "model"],
+    "properties": {
+        "predictions": {"type": "array", "items": {"type": ["number", "string", "boolean"]}},
+        "model": {"$ref": "#/components/schemas/ModelRef"},
+        "probabilities": {
+            "type": "array",
+            "description": "Per row, each class label's probability (when asked).",
+            "items": {"type": "object", "additionalProperties": {"type": "number"}},
+        },
+    },
+}
