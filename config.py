@@ -27,7 +27,7 @@ def number(kind: type = int, minimum: float = 0) -> Callable:
                 value = None
         else:  # a mapping's value must already be a number of the right kind (True is not 1, 2.5 is not 2)
             value = raw if type(raw) is kind or (kind is float and type(raw) is int) else None
-        if value is None or value < minimum:
+        if value is None or not math.isfinite(value) or value < minimum:  # float() reads "nan" and "inf"
             raise ValueError(f"must be a {'whole number' if kind is int else 'number'} >= {minimum}")
         return value
 

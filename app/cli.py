@@ -23,6 +23,7 @@ from app.registry import (
     model_folders,
     raw_manifest,
     read_manifest,
+    read_metadata,
     scan_dir,
     version_folders,
     version_key,
@@ -238,11 +239,9 @@ def _metadata_problem(name: str, version: str, folder: Path) -> str | None:
     if not meta_file.is_file():
         return f"no metadata {meta_file.name} (register writes it)"
     try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as e:
-        return f"metadata {meta_file.name} is unreadable: {e}"
-    if type(meta) is not dict:
-        return f"metadata {meta_file.name} is not a JSON object"
+        meta = read_metadata(meta_file)
+    except ModelError as e:
+        return str(e).replace(str(meta_file), meta_file.name)
     if missing := [key for key in ("name", "version", "sha256") if not meta.get(key)]:
         return f"metadata {meta_file.name} has no {missing[0]!r}"
     if (meta["name"], str(meta["version"])) != (name, version):
@@ -374,9 +373,9 @@ def curl(artifact: str | None, model_dir: str | None, name: str | None, url: str
         artifact = artifact_in(plans[name]["versions"][plans[name]["default"]])
     meta_file = metadata_path(Path(artifact))
     try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f"model metadata {meta_file} is unreadable: {e}") from None
+        meta = read_metadata(meta_file)
+    except ModelError as e:
+        raise click.ClickException(str(e)) from None
     names = meta.get("feature_names")
     width = len(names) if names else meta.get("n_features") or 1  # metadata from before n_features: a 400 says
     row = (meta.get("sample_rows") or [None])[0] or [0.0] * width

@@ -206,6 +206,17 @@ def _outputs_per_row(estimator: Any, n_features: int) -> int:
     return max(declared, y.shape[1] if y.ndim == 2 else 1)
 
 
+def read_metadata(meta_file: Path) -> dict:
+    """A version's model.json as a dict, or ModelError naming the file (unreadable, not JSON, not an object)."""
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model metadata {meta_file} is unreadable: {e}") from None
+    if type(meta) is not dict:
+        raise ModelError(f"model metadata {meta_file} is not a JSON object")
+    return meta
+
+
 def load_model(
     path: str | Path, expected_sha256: str = "", trusted_types: list[str] | None = None, strict_sklearn: bool = False
 ) -> Model:
@@ -219,10 +230,7 @@ def load_model(
         )
     if not meta_file.is_file():
         raise ModelError(f"model file {path} has no metadata file {meta_file.name} beside it (name, version, sha256)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model metadata {meta_file} is unreadable: {e}") from None
+    meta = read_metadata(meta_file)
     for key in ("name", "version", "sha256"):
         if not meta.get(key):
             raise ModelError(f"model metadata {meta_file} has no {key!r}")
@@ -309,7 +317,9 @@ class Entry:
             "aliases": self.aliases,
             "traffic": self.traffic,
             "versions": [self.versions[v].describe() for v in sorted(self.versions, key=version_key)],
-            "unavailable": [{"version": v, "reason": why} for v, why in sorted(self.unavailable.items())],
+            "unavailable": [
+                {"version": v, "reason": self.unavailable[v]} for v in sorted(self.unavailable, key=version_key)
+            ],
         }
 
 

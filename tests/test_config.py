@@ -16,6 +16,8 @@ BAD = [
     ("CACHE_TTL", "0", "must be a whole number >= 1"),
     ("CACHE_TIMEOUT_MS", "-5", "must be a whole number >= 1"),
     ("COMPILE_TIMEOUT_SECONDS", "soon", "must be a number >= 1"),
+    ("COMPILE_TIMEOUT_SECONDS", "inf", "must be a number >= 1"),
+    ("CACHE_RETRY_SECONDS", "nan", "must be a number >= 0"),
     ("LOG_LEVEL", "verbose", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("LOG_FORMAT", "jsno", "must be one of json, text"),
     ("SIBYL_ENV", "prod", "must be one of development, production"),

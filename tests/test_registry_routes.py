@@ -161,6 +161,25 @@ def test_unreadable_manifest_stops_startup(make_app, make_model_dir, text):
         serve(make_app, root)
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"iris"'])
+def test_metadata_that_is_not_an_object_stops_startup(make_app, make_model_dir, text):
+    """A version's model.json that is not a JSON object is one line naming it, not a traceback."""
+    root = make_model_dir({"tiny": ["1"]})
+    (root / "tiny" / "1" / "model.json").write_text(text)
+    with pytest.raises(ModelError, match=r"model metadata .*tiny/1/model\.json is (unreadable|not a JSON object)"):
+        serve(make_app, root)
+
+
+def test_unavailable_versions_are_listed_in_version_order(make_app, make_model_dir):
+    """Unavailable versions sort as numbers, like the loaded ones: 9 before 10."""
+    root = make_model_dir({"iris": ["1"], "tiny": ["1", "9", "10"]})
+    tamper(root, "tiny", "9")
+    tamper(root, "tiny", "10")
+    client = serve(make_app, root, DEFAULT_MODEL="iris", SKIP_BAD_MODELS=True).test_client()
+    listed = client.get("/models/tiny", headers=basic_auth()).json["unavailable"]
+    assert [u["version"] for u in listed] == ["9", "10"]
+
+
 def tamper(root, name, version):
     """Change an artifact's bytes after its metadata recorded them."""
     artifact = root / name / version / "model.joblib"
