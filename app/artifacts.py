@@ -32,28 +32,31 @@ def refuse_world_writable(path: Path, what: str = "model file") -> None:
         raise ModelError(f"{what} {path} is world-writable; refusing to use a file anyone could replace")
 
 
-def save_artifact(estimator: Any, path: Path) -> None:
-    """Write an estimator in the format its file name says: .skops or .joblib."""
-    kind = path.suffix.lower()
-    if kind == ".skops":
-        import skops.io  # imported here, as in open_artifact
-
-        skops.io.dump(estimator, path)
-    elif kind == ".joblib":
-        joblib.dump(estimator, path)
-    else:
-        raise ModelError(f"model file {path} must be named .skops or .joblib")
-
-
-def open_artifact(path: Path, trusted_types: list[str]) -> Any:
-    """Load a .joblib or .skops artifact (never a world-writable one); raise ModelError naming the file if it
-    can't be read, or if a .skops file holds a type that is neither skops's default nor in trusted_types."""
-    refuse_world_writable(path)
+def artifact_kind(path: Path) -> str:
+    """An artifact's format from its name, ".joblib" or ".skops"; ModelError for anything else (only those open)."""
     kind = path.suffix.lower()
     if kind not in (".joblib", ".skops"):
         raise ModelError(
             f"model file {path} is neither .skops nor .joblib; Sibyl opens only those (skops is the safer format)"
         )
+    return kind
+
+
+def save_artifact(estimator: Any, path: Path) -> None:
+    """Write an estimator in the format its file name says: .skops or .joblib."""
+    if artifact_kind(path) == ".skops":
+        import skops.io  # imported here, as in open_artifact
+
+        skops.io.dump(estimator, path)
+    else:
+        joblib.dump(estimator, path)
+
+
+def open_artifact(path: Path, trusted_types: list[str]) -> Any:
+    """Load a .joblib or .skops artifact (never a world-writable one); raise ModelError naming the file if it
+    can't be read, or if a .skops file holds a type that is neither skops's default nor in trusted_types."""
+    kind = artifact_kind(path)
+    refuse_world_writable(path)
     try:
         if kind == ".joblib":
             return joblib.load(path)

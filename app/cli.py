@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from flask import Flask
 
-from app.artifacts import ModelError, open_artifact, parse_trusted_types, refuse_world_writable
+from app.artifacts import ModelError, artifact_kind, open_artifact, parse_trusted_types, refuse_world_writable
 from app.auth import DEV_MARKER, ROLES, new_api_key
 from app.errors import StartupError
 from app.registry import (
@@ -152,9 +152,7 @@ def _register_in(
 def _copy_in(path: Path, root: Path, name: str, version: str, names: list[str] | None, trusted: list[str]) -> dict:
     """Copy an artifact into root/name/version/ with its metadata, checked as startup would; the folder appears
     whole or not at all. Return the metadata."""
-    kind = path.suffix.lower()
-    if kind not in (".joblib", ".skops"):
-        raise ModelError(f"model file {path} is neither .skops nor .joblib; Sibyl opens only those")
+    kind = artifact_kind(path)
     refuse_world_writable(path)  # anyone could have replaced what is about to be copied
     # A dot name, which the scanner skips, on MODEL_DIR's filesystem, so the rename below is atomic.
     staging = Path(tempfile.mkdtemp(prefix=".register-", dir=root))
