@@ -132,7 +132,7 @@ def test_world_writable_artifact_is_refused(tmp_path):
 
 def test_saving_under_an_unknown_extension_is_refused(tmp_path):
     """save_artifact writes only the formats open_artifact reads."""
-    with pytest.raises(ModelError, match=r"must be named \.skops or \.joblib"):
+    with pytest.raises(ModelError, match=r"is neither \.skops nor \.joblib"):
         save_artifact(LogisticRegression(), tmp_path / "model.pkl")
     assert not (tmp_path / "model.pkl").exists()
 
