@@ -17,6 +17,8 @@ bp = Blueprint("openapi", __name__)
 # /docs is a static page; every call it makes to the API goes through the same auth as curl's. A protocol module
 # lists its own public endpoints (health probes) in its PUBLIC.
 PUBLIC = frozenset({"health.health", "health.ready", "openapi.spec", "openapi.docs"})
+# The version of this API's contract (info.version); a protocol that reports a version reports this one.
+API_VERSION = "1"
 _ADMIN_PREFIX = "admin."
 # Endpoints that serve files, not API operations.
 _NOT_OPERATIONS = frozenset({"static"})
@@ -82,7 +84,7 @@ def document(app: Flask) -> dict:
         "openapi": "3.1.0",
         "info": {
             "title": "Sibyl",
-            "version": "1",
+            "version": API_VERSION,
             "description": "Predictions from scikit-learn models. Every error, 4xx and 5xx, is one JSON shape "
             "(components/schemas/Error). A method a path does not list answers 405 in that shape.",
         },
