@@ -4,9 +4,9 @@ import logging
 from collections.abc import Callable
 
 import orjson
-from flask import Blueprint, Flask, Response, g, has_request_context, request
+from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
 from gunicorn.http.errors import ParseException
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,27 @@ _SHAPES: dict[str, Shape] = {}
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
     """Build the response every non-2xx answer from the app uses, in the shape of the protocol that was called
     (so auth's 401 and Werkzeug's 413 reach an MLflow client in MLflow's shape)."""
-    shape = _SHAPES.get(request.blueprint) if has_request_context() and request.blueprint else None
+    shape = _SHAPES.get(_blueprint()) if has_request_context() else None
     if shape is None:
         body = error_body(code, message, g.get("request_id"))
     else:
         body = orjson.dumps(shape(status, code, message, g.get("request_id")))
     return Response(body, status=status, headers=headers, mimetype="application/json")
+
+
+def _blueprint() -> str | None:
+    """The blueprint whose route the request reached; for a wrong method (routing failed, so Flask names none),
+    the blueprint that serves the path with a method it allows, so GET /invocations is a 405 in MLflow's shape."""
+    if request.blueprint:
+        return request.blueprint
+    e = request.routing_exception
+    if not isinstance(e, MethodNotAllowed) or not e.valid_methods:
+        return None
+    try:
+        endpoint, _ = current_app.url_map.bind_to_environ(request.environ).match(method=e.valid_methods[0])
+    except HTTPException:
+        return None
+    return endpoint.rpartition(".")[0] or None
 
 
 def render_api_error(e: ApiError) -> Response:

@@ -425,6 +425,15 @@ def test_too_many_rows_and_too_large_bodies_are_413s(make_app):
     assert "MAX_BODY_BYTES" in mlflow_error(r, 413, "BAD_REQUEST")
 
 
+def test_wrong_method_is_a_405_in_mlflows_shape(client):
+    """Routing fails before Flask knows the blueprint; the 405 still reaches an MLflow client in MLflow's shape."""
+    r = client.get("/invocations", headers=basic_auth())
+    mlflow_error(r, 405, "BAD_REQUEST")
+    assert "POST" in r.headers["Allow"]
+    other = client.delete("/models", headers=basic_auth())  # a native route's wrong method keeps Sibyl's shape
+    assert other.status_code == 405 and other.json["error"]["code"] == "method_not_allowed"
+
+
 def test_ping_is_public_and_health_keeps_its_answer(client):
     """/ping answers 200 without credentials (MLflow's clients read only the status); /health is still Sibyl's."""
     r = client.get("/ping")
