@@ -4,7 +4,7 @@ import logging
 from collections.abc import Callable
 
 import orjson
-from flask import Blueprint, Flask, Response, g, has_request_context, request
+from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
 from gunicorn.http.errors import ParseException
 from werkzeug.exceptions import HTTPException
 
@@ -66,12 +66,26 @@ _SHAPES: dict[str, Shape] = {}
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
     """Build the response every non-2xx answer from the app uses, in the shape of the protocol that was called
     (so auth's 401 and Werkzeug's 413 reach an MLflow client in MLflow's shape)."""
-    shape = _SHAPES.get(request.blueprint) if has_request_context() and request.blueprint else None
+    shape = _SHAPES.get(_owner()) if has_request_context() else None
     if shape is None:
         body = error_body(code, message, g.get("request_id"))
     else:
         body = orjson.dumps(shape(status, code, message, g.get("request_id")))
     return Response(body, status=status, headers=headers, mimetype="application/json")
+
+
+def _owner() -> str | None:
+    """The blueprint whose error shape a request gets: the one that routed it; or, when routing failed (404, 405),
+    the one whose url_prefix the path is under, so POST /v1/models/iris (a wrong method) answers a KServe client in
+    KServe's shape."""
+    if request.blueprint:
+        return request.blueprint
+    path = request.path
+    for bp in current_app.blueprints.values():
+        prefix = (bp.url_prefix or "").rstrip("/")
+        if prefix and (path == prefix or path.startswith(prefix + "/")):
+            return bp.name
+    return None
 
 
 def render_api_error(e: ApiError) -> Response:
