@@ -78,7 +78,7 @@ def _answers(entry: Entry) -> bool:
             return False
         try:
             model.backend.predict(np.asarray([model.sample_row], dtype=np.float64), False)
-        except Exception:  # noqa: BLE001 - any failure means not ready; the log keeps the trace
+        except Exception:  # any failure means not ready; the log keeps the trace
             log.exception("not ready: model %s version %s failed to answer a sample row", model.name, version)
             return False
     return True
