@@ -88,10 +88,13 @@ def test_encoded_colon_is_the_verb(client, colon):
     assert (r.status_code, r.json) == (200, {"predictions": ["setosa", "virginica"]})
 
 
-def test_any_content_type_is_read_as_json(client):
-    """KServe reads the body as JSON whatever its label: its docs' `curl -d @input.json` sends a form type."""
-    data = json.dumps({"instances": IRIS_ROWS})
-    r = client.post(PREDICT, data=data, content_type="application/x-www-form-urlencoded", headers=basic_auth())
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded"])
+def test_any_content_type_is_read_as_json(client, content_type):
+    """KServe reads the body as JSON whatever its label: its Python client (InferenceRESTClient) sends none, its
+    docs' `curl -d @input.json` a form type."""
+    data = json.dumps({"instances": IRIS_ROWS}).encode()
+    r = client.post(PREDICT, data=data, content_type=content_type, headers=basic_auth())
+    assert content_type is not None or "Content-Type" not in r.request.headers
     assert (r.status_code, r.json) == (200, {"predictions": ["setosa", "virginica"]})
 
 
