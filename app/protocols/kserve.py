@@ -56,8 +56,8 @@ def predict(name: str) -> Response:
     """Predict with a model's default version (or one drawn by its traffic split): {"predictions": [...]}."""
     model = _registry().resolve(name)
     log_model(model)
-    # Any Content-Type: KServe parses the body as JSON whatever it is labelled, and its docs' curl (-d @file) sends
-    # application/x-www-form-urlencoded.
+    # Any Content-Type, or none: KServe parses the body as JSON whatever its label; its Python client
+    # (InferenceRESTClient) sends no Content-Type and its docs' `curl -d @file` a form type.
     body = parse_json(read_body(), _EXAMPLE)
     result = run(model, _matrix(body, model), False)
     return json_response({"predictions": result.predictions}, headers=cache_headers(result))
