@@ -75,18 +75,24 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 
 
 def _blueprint() -> str | None:
-    """The blueprint whose route the request reached; for a wrong method (routing failed, so Flask names none),
-    the blueprint that serves the path with a method it allows, so GET /invocations is a 405 in MLflow's shape."""
+    """The blueprint whose error shape a request gets: the one that routed it. When routing failed, Flask names
+    none: for a wrong method, the blueprint that serves the path with a method it allows (GET /invocations is a
+    405 in MLflow's shape); else the one whose url_prefix the path is under (an unknown /v1/... path in KServe's)."""
     if request.blueprint:
         return request.blueprint
     e = request.routing_exception
-    if not isinstance(e, MethodNotAllowed) or not e.valid_methods:
-        return None
-    try:
-        endpoint, _ = current_app.url_map.bind_to_environ(request.environ).match(method=e.valid_methods[0])
-    except HTTPException:
-        return None
-    return endpoint.rpartition(".")[0] or None
+    if isinstance(e, MethodNotAllowed) and e.valid_methods:
+        try:
+            endpoint, _ = current_app.url_map.bind_to_environ(request.environ).match(method=e.valid_methods[0])
+            return endpoint.rpartition(".")[0] or None
+        except HTTPException:
+            pass
+    path = request.path
+    for bp in current_app.blueprints.values():
+        prefix = (bp.url_prefix or "").rstrip("/")
+        if prefix and (path == prefix or path.startswith(prefix + "/")):
+            return bp.name
+    return None
 
 
 def render_api_error(e: ApiError) -> Response:
