@@ -220,6 +220,16 @@ def one_of_models(schemas: list[dict]) -> dict:
     return unique[0] if len(unique) == 1 else {"anyOf": unique} if unique else {"type": "object"}
 
 
+# The headers every predict answer carries, as each protocol's operation documents them.
+CACHE_HEADERS = {
+    "X-Cache": {
+        "description": "HIT, MISS, PARTIAL, BYPASS or OFF: what the cache answered",
+        "schema": {"type": "string"},
+    },
+    "X-Cache-Hits": {"description": "how many rows the cache answered", "schema": {"type": "string"}},
+}
+
+
 def json_body(schema: dict, examples: dict[str, dict], single: bool, media: str = "application/json") -> dict:
     """A required request body: its schema, and one example per model (a single "example" when single)."""
     content: dict = {"schema": schema}

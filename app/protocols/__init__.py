@@ -17,7 +17,7 @@ from app import pipeline
 from app.auth import auth
 from app.errors import ApiError
 from app.pipeline import Prediction
-from app.registry import Model
+from app.registry import Model, Registry
 
 # numpy scalars can reach a reply (e.g. model metadata); orjson writes them natively.
 _DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
@@ -133,3 +133,21 @@ def refuse_encoded_slash() -> None:
     raw = request.environ.get("RAW_URI") or request.environ.get("REQUEST_URI") or ""
     if "%2f" in raw.partition("?")[0].lower():
         raise NotFound()
+
+
+def registry() -> Registry:
+    """The registry create_app loaded."""
+    return current_app.extensions["sibyl.registry"]
+
+
+def default_model(route: str) -> Model:
+    """The default model's model for a protocol's default route, or a 404 naming the per-model route to use."""
+    served = registry()
+    if served.default_model is None:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"Several models are served and DEFAULT_MODEL is not set: POST to {route} (GET /models lists them), or "
+            "set DEFAULT_MODEL.",
+        )
+    return served.resolve(served.default_model)

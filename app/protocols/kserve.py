@@ -3,14 +3,23 @@
 import logging
 
 import numpy as np
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 from werkzeug.exceptions import MethodNotAllowed
 
 from app import errors
 from app.auth import auth
 from app.errors import ApiError
-from app.openapi import instance_schema, json_body, models_for, one_of_models
-from app.protocols import cache_headers, json_response, log_model, max_rows, parse_json, read_body, run
+from app.openapi import CACHE_HEADERS, instance_schema, json_body, models_for, one_of_models
+from app.protocols import (
+    cache_headers,
+    json_response,
+    log_model,
+    max_rows,
+    parse_json,
+    read_body,
+    registry,
+    run,
+)
 from app.registry import Entry, Model, Registry
 from app.validation import field_name, from_columns, invalid, to_matrix
 
@@ -34,7 +43,7 @@ _VERBS = ("predict",)
 @auth.login_required
 def models() -> Response:
     """The names of the models served, as KServe lists them: {"models": [name, ...]}."""
-    return json_response({"models": sorted(_registry().entries)})
+    return json_response({"models": sorted(registry().entries)})
 
 
 @bp.get("/models/<name>")
@@ -44,7 +53,7 @@ def model_ready(name: str) -> Response:
     # The default converter takes "iris:predict" whole here; no model name holds a colon (registry.NAME).
     if ":" in name and name.rpartition(":")[2] in _VERBS:
         raise MethodNotAllowed(valid_methods=["POST"])
-    entry = _registry().entry(name)
+    entry = registry().entry(name)
     if not _answers(entry):
         raise ApiError(503, "model_unavailable", f"Model {entry.name} is not ready; GET /models/{entry.name} says why.")
     return json_response({"name": entry.name, "ready": True})
@@ -54,18 +63,13 @@ def model_ready(name: str) -> Response:
 @auth.login_required
 def predict(name: str) -> Response:
     """Predict with a model's default version (or one drawn by its traffic split): {"predictions": [...]}."""
-    model = _registry().resolve(name)
+    model = registry().resolve(name)
     log_model(model)
     # Any Content-Type, or none: KServe parses the body as JSON whatever its label; its Python client
     # (InferenceRESTClient) sends no Content-Type and its docs' `curl -d @file` a form type.
     body = parse_json(read_body(), _EXAMPLE)
     result = run(model, _matrix(body, model), False)
     return json_response({"predictions": result.predictions}, headers=cache_headers(result))
-
-
-def _registry() -> Registry:
-    """The registry create_app loaded."""
-    return current_app.extensions["sibyl.registry"]
 
 
 def _answers(entry: Entry) -> bool:
@@ -122,13 +126,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     schema = one_of_models([_request_schema(m, config["MAX_ROWS"]) for m in models.values()])
     examples = {key: {"instances": [m.sample_row]} for key, m in models.items()}
     ok = _ok("One prediction per row, from the model's default version (or its traffic split).", _PREDICT_RESPONSE)
-    ok["headers"] = {
-        "X-Cache": {
-            "description": "HIT, MISS, PARTIAL, BYPASS or OFF: what the cache answered",
-            "schema": {"type": "string"},
-        },
-        "X-Cache-Hits": {"description": "how many rows the cache answered", "schema": {"type": "string"}},
-    }
+    ok["headers"] = CACHE_HEADERS
     return {"requestBody": json_body(schema, examples, single=False), "ok": ok, "statuses": [400, 404, 413, 415, 503]}
 
 

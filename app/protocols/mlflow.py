@@ -11,13 +11,23 @@ import io
 import math
 import re
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from app import errors
 from app.auth import auth
 from app.errors import ApiError
-from app.openapi import API_VERSION, json_body, models_for, one_of_models, row_schema
-from app.protocols import cache_headers, json_response, log_model, max_rows, parse_json, read_body, run
+from app.openapi import API_VERSION, CACHE_HEADERS, json_body, models_for, one_of_models, row_schema
+from app.protocols import (
+    cache_headers,
+    default_model,
+    json_response,
+    log_model,
+    max_rows,
+    parse_json,
+    read_body,
+    registry,
+    run,
+)
 from app.registry import Model, Registry
 from app.validation import column_order, field_name, from_columns, invalid, reorder, to_matrix
 
@@ -62,10 +72,6 @@ _MEDIA = (
     "Send JSON (Content-Type: application/json) holding one of dataframe_split, dataframe_records, instances or "
     "inputs, or CSV with a header row (Content-Type: text/csv)."
 )
-_NO_DEFAULT = (
-    "Several models are served and DEFAULT_MODEL is not set: POST to /models/<name>/invocations (GET /models lists "
-    "them), or set DEFAULT_MODEL."
-)
 # A CSV cell is a plain decimal number: float() alone would also take "nan", "inf" and "1_000".
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
@@ -74,24 +80,21 @@ _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 @auth.login_required
 def invocations() -> Response:
     """Predict with the default model, as MLflow's scoring server does."""
-    registry = _registry()
-    if registry.default_model is None:
-        raise ApiError(404, "model_not_found", _NO_DEFAULT)
-    return _invoke(registry.resolve(registry.default_model))
+    return _invoke(default_model("/models/<name>/invocations"))
 
 
 @bp.post("/models/<name>/invocations")
 @auth.login_required
 def invocations_model(name: str) -> Response:
     """Predict with a model's default version (or a version drawn by its traffic split), in MLflow's shapes."""
-    return _invoke(_registry().resolve(name))
+    return _invoke(registry().resolve(name))
 
 
 @bp.post("/models/<name>/versions/<version>/invocations")
 @auth.login_required
 def invocations_version(name: str, version: str) -> Response:
     """Predict with one version of a model, named or by alias, in MLflow's shapes."""
-    return _invoke(_registry().resolve(name, version))
+    return _invoke(registry().resolve(name, version))
 
 
 @bp.get("/ping")
@@ -109,11 +112,6 @@ def version() -> Response:
     # MLflow: claiming an MLflow version would be false, and library versions help only an attacker. So this answers
     # the API version OpenAPI's info.version states, behind the same auth as predictions.
     return Response(API_VERSION, mimetype="text/plain")
-
-
-def _registry() -> Registry:
-    """The registry create_app loaded."""
-    return current_app.extensions["sibyl.registry"]
 
 
 def _invoke(model: Model) -> Response:
@@ -317,13 +315,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     body["content"] |= json_body(csv_schema, csv_examples, single, "text/csv")["content"]
     ok = {
         "description": "One prediction per row (with predict_proba, each row's class probabilities in class order).",
-        "headers": {
-            "X-Cache": {
-                "description": "HIT, MISS, PARTIAL, BYPASS or OFF: what the cache answered",
-                "schema": {"type": "string"},
-            },
-            "X-Cache-Hits": {"description": "how many rows the cache answered", "schema": {"type": "string"}},
-        },
+        "headers": CACHE_HEADERS,
         "content": {"application/json": {"schema": _RESPONSE}},
     }
     return {"requestBody": body, "ok": ok, "statuses": [400, 404, 413, 415, 503]}

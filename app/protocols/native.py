@@ -1,12 +1,11 @@
 """Sibyl's own protocol: POST /predict and /models/<name>[/versions/<v>]/predict, GET /models, in Sibyl's shapes."""
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from app import errors
 from app.auth import auth
-from app.errors import ApiError
-from app.openapi import instance_schema, json_body, models_for, one_of_models, row_schema
-from app.protocols import cache_headers, json_response, log_model, max_rows, read_json, run
+from app.openapi import CACHE_HEADERS, instance_schema, json_body, models_for, one_of_models, row_schema
+from app.protocols import cache_headers, default_model, json_response, log_model, max_rows, read_json, registry, run
 from app.registry import Model, Registry
 from app.validation import field_name, invalid, to_matrix
 
@@ -21,34 +20,27 @@ _FIELDS = ("features", "instances", "data")
 _KEYS = {*_FIELDS, "probabilities"}
 _TRUE = {"1", "true", "yes"}
 _FLAGS = _TRUE | {"", "0", "false", "no"}
-_NO_DEFAULT = (
-    "Several models are served and DEFAULT_MODEL is not set: POST to /models/<name>/predict (GET /models lists "
-    "them), or set DEFAULT_MODEL."
-)
 
 
 @bp.post("/predict")
 @auth.login_required
 def predict() -> Response:
     """Predict with the default model."""
-    registry = _registry()
-    if registry.default_model is None:
-        raise ApiError(404, "model_not_found", _NO_DEFAULT)
-    return _predict(registry.resolve(registry.default_model))
+    return _predict(default_model("/models/<name>/predict"))
 
 
 @bp.post("/models/<name>/predict")
 @auth.login_required
 def predict_model(name: str) -> Response:
     """Predict with a model's default version (or a version drawn by its traffic split)."""
-    return _predict(_registry().resolve(name))
+    return _predict(registry().resolve(name))
 
 
 @bp.post("/models/<name>/versions/<version>/predict")
 @auth.login_required
 def predict_version(name: str, version: str) -> Response:
     """Predict with one version of a model, named or by alias."""
-    return _predict(_registry().resolve(name, version))
+    return _predict(registry().resolve(name, version))
 
 
 @bp.get("/models")
@@ -56,29 +48,22 @@ def predict_version(name: str, version: str) -> Response:
 def models() -> Response:
     """Every model served: versions with their metadata and backend, aliases, traffic, and unavailable versions;
     and which load of the registry answers (generation, loaded_at)."""
-    registry = _registry()
-    return json_response(
-        {"models": registry.describe(), "generation": registry.generation, "loaded_at": registry.loaded_at}
-    )
+    served = registry()
+    return json_response({"models": served.describe(), "generation": served.generation, "loaded_at": served.loaded_at})
 
 
 @bp.get("/models/<name>")
 @auth.login_required
 def model(name: str) -> Response:
     """One model, as GET /models lists it."""
-    return json_response(_registry().entry(name).describe())
+    return json_response(registry().entry(name).describe())
 
 
 @bp.get("/models/<name>/versions/<version>")
 @auth.login_required
 def model_version(name: str, version: str) -> Response:
     """One version of a model (named or by alias): its metadata and backend."""
-    return json_response(_registry().resolve(name, version).describe())
-
-
-def _registry() -> Registry:
-    """The registry create_app loaded."""
-    return current_app.extensions["sibyl.registry"]
+    return json_response(registry().resolve(name, version).describe())
 
 
 def _predict(model: Model) -> Response:
@@ -132,13 +117,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     examples = {key: {"features": [m.sample_row]} for key, m in models.items()}
     ok = {
         "description": "One prediction per row, and which model version answered.",
-        "headers": {
-            "X-Cache": {
-                "description": "HIT, MISS, PARTIAL, BYPASS or OFF: what the cache answered",
-                "schema": {"type": "string"},
-            },
-            "X-Cache-Hits": {"description": "how many rows the cache answered", "schema": {"type": "string"}},
-        },
+        "headers": CACHE_HEADERS,
         "content": {"application/json": {"schema": _PREDICT_RESPONSE}},
     }
     return {
