@@ -7,8 +7,8 @@ from time import perf_counter
 import numpy as np
 
 from app.cache import PredictionCache
+from app.errors import ApiError
 from app.registry import Model
-from app.validation import invalid
 
 
 @dataclass
@@ -91,12 +91,15 @@ def _compute(model: Model, X: np.ndarray, proba: bool, where: Sequence[int]) -> 
     labels, p = model.backend.predict(X, proba)
     # Finite inputs can still overflow inside a model (a scaler dividing 1e308, exp() of a huge score): the answer
     # is NaN or infinity, which JSON cannot carry (it would reach the caller as null) and no cache should keep.
+    # 422, not 400: the rows are well-formed and fit the model's schema; only computing them failed.
     for answer in (labels, p):
         if answer is not None and answer.dtype.kind == "f" and not np.isfinite(answer).all():
             row = where[int(np.argwhere(~np.isfinite(answer))[0][0])]
-            raise invalid(
+            raise ApiError(
+                422,
+                "non_finite_answer",
                 f"row {row}: the model's answer is not a finite number; its values are too far outside the range "
-                "the model was trained on"
+                "the model was trained on",
             )
     labels = labels.tolist()
     return labels if p is None else [list(pair) for pair in zip(labels, p.tolist())]
