@@ -1,6 +1,7 @@
 """GET /openapi.json as a Postman v2.1 collection and environment, every request with tests (`cli postman`)."""
 
 import json
+import re
 import uuid
 
 SCHEMA = "https://schema.getpostman.com/json/collection/v2.1.0/collection.json"
@@ -73,9 +74,10 @@ def _requests(doc: dict, path: str, method: str, op: dict) -> list[dict]:
     if auth is None and "403" in op["responses"] and method not in _SAFE:
         # An admin action that changes the server (POST /admin/reload replaces every worker): a collection run must
         # not roll out, so it checks the refusal a predict key gets; set this request's auth to roll out for real.
-        expected, ok, label = "403", _response(doc, op["responses"]["403"]), f"{label} (predict key: refused)"
+        expected, ok, label = "403", _resolve(op["responses"]["403"], doc), f"{label} (predict key: refused)"
     bodies = _bodies(op) or [(None, None, None)]
-    made = []
+    made: list[dict] = []
+    negated = False  # the negative requests go with the operation's first JSON example
     for media, key, value in bodies:
         params = _path_values(doc, op, key)
         name = f"{label} [{key}]" if key and len(bodies) > 1 else label
@@ -89,12 +91,13 @@ def _requests(doc: dict, path: str, method: str, op: dict) -> list[dict]:
                 "});",
             ]
         made.append(_item(name, method, path, params, auth, media, value, tests, op.get("summary", "")))
-        if media == "application/json" and value is not None and key == bodies[0][1] and "401" in op["responses"]:
-            made += _negatives(doc, op, method, path, params, value)
+        if media == "application/json" and not negated and "401" in op["responses"]:
+            made += _negatives(doc, op, method, path, params, auth, value)
+            negated = True
     return made
 
 
-def _negatives(doc: dict, op: dict, method: str, path: str, params: dict, value) -> list[dict]:
+def _negatives(doc: dict, op: dict, method: str, path: str, params: dict, auth: dict | None, value) -> list[dict]:
     """A wrong key answers 401 and a body that is not JSON answers 400, each in the operation's error shape."""
     label = f"{method.upper()} {path}"
     wrong = {"type": "basic", "basic": [_var("username", "{{user}}"), _var("password", "not-the-key")]}
@@ -107,7 +110,7 @@ def _negatives(doc: dict, op: dict, method: str, path: str, params: dict, value)
             wrong,
             "application/json",
             value,
-            _status_tests(401, _response(doc, op["responses"]["401"]), doc),
+            _status_tests(401, _resolve(op["responses"]["401"], doc), doc),
             "A wrong key is refused before the body is read, in this protocol's error shape.",
         )
     ]
@@ -118,10 +121,10 @@ def _negatives(doc: dict, op: dict, method: str, path: str, params: dict, value)
                 method,
                 path,
                 params,
-                None,
+                auth,
                 "application/json",
                 '{"cut short": [',
-                _status_tests(400, _response(doc, op["responses"]["400"]), doc),
+                _status_tests(400, _resolve(op["responses"]["400"], doc), doc),
                 "A body that is not JSON is a 400 in this protocol's error shape, never a 500.",
             )
         )
@@ -130,7 +133,9 @@ def _negatives(doc: dict, op: dict, method: str, path: str, params: dict, value)
 
 def _item(name, method, path, params, auth, media, value, tests, description) -> dict:
     """One request of the collection with its test script."""
-    segments = [params.get(seg[1:-1], seg) if seg.startswith("{") else seg for seg in path.strip("/").split("/")]
+    # A parameter may be part of a segment ("/v1/models/{name}:predict"), so it is replaced wherever it stands.
+    filled = re.sub(r"\{([^{}]+)\}", lambda m: params.get(m.group(1), m.group(0)), path)
+    segments = filled.strip("/").split("/")
     request: dict = {
         "method": method.upper(),
         "header": [],
@@ -202,11 +207,6 @@ def _resolve(node: dict, doc: dict) -> dict:
             target = target[part]
         node = target
     return node
-
-
-def _response(doc: dict, response: dict) -> dict:
-    """A documented response, its $ref resolved."""
-    return _resolve(response, doc)
 
 
 def _success(op: dict) -> tuple[str, dict]:

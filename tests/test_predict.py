@@ -144,6 +144,7 @@ def test_rows_in_two_fields_are_refused(client):
 HUGE = 1.7976931348623157e308  # the largest finite float64: valid input, but a scaler or a sum overflows on it
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("backend", ["sklearn", "onnx"])
 @pytest.mark.parametrize("case", ["nan-probabilities", "infinite-value"])
 def test_an_answer_that_is_not_a_number_is_a_422(make_app, make_model, redis_url, backend, case):
