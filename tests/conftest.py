@@ -104,6 +104,14 @@ def iris_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> Path:
+    """A MODEL_DIR laid out as `make model` leaves models/: the demo model as iris/1/, trained by the same script."""
+    root = tmp_path_factory.mktemp("demo")
+    train_demo(str(root / "iris" / "1" / "model.joblib"))
+    return root
+
+
+@pytest.fixture(scope="session")
 def make_model(tmp_path_factory):
     """Fit a tiny estimator on seeded data and save it with metadata: make_model(estimator, n_features, ...)."""
 

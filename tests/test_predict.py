@@ -6,6 +6,7 @@ import json
 import joblib
 import numpy as np
 import pytest
+import redis
 from conftest import IRIS_ROWS, basic_auth
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
@@ -138,3 +139,29 @@ def test_rows_in_two_fields_are_refused(client):
     """Only one of features, instances and data: two would leave which rows count to a guess."""
     r = post(client, {"features": IRIS_ROWS, "data": IRIS_ROWS})
     assert r.status_code == 400 and '"data"' in r.json["error"]["message"]
+
+
+HUGE = 1.7976931348623157e308  # the largest finite float64: valid input, but a scaler or a sum overflows on it
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["sklearn", "onnx"])
+@pytest.mark.parametrize("case", ["nan-probabilities", "infinite-value"])
+def test_an_answer_that_is_not_a_number_is_a_422(make_app, make_model, redis_url, backend, case):
+    """Finite rows the model overflows on (NaN probabilities, an infinite regression value) are refused with a
+    documented 422 naming the row, not answered with null; nothing is cached, and the other rows still predict."""
+    if case == "nan-probabilities":
+        model = {}  # iris: its scaler divides the huge value to infinity
+        body = {"features": [IRIS_ROWS[0], [1e-300, 5e16, 7e227, HUGE]], "probabilities": True}
+    else:
+        model = {"MODEL_PATH": str(make_model(LinearRegression(), name="reg", classify=False))}
+        body = {"features": [[1.0, 1.0], [HUGE, HUGE]]}
+    client = make_app(INFERENCE_BACKEND=backend, REDIS_URL=redis_url, **model).test_client()
+    r = post(client, body)
+    assert r.status_code == 422, r.json
+    assert r.json["error"]["code"] == "non_finite_answer"
+    assert r.json["error"]["message"].startswith("row 1: the model's answer is not a finite number")
+    assert "e+" not in r.json["error"]["message"]  # the values sent are not echoed
+    assert redis.Redis.from_url(redis_url).keys() == []
+    assert post(client, {**body, "features": body["features"][:1]}).status_code == 200
+    assert "422" in client.get("/openapi.json").json["paths"]["/predict"]["post"]["responses"]

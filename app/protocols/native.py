@@ -123,7 +123,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     return {
         "requestBody": json_body(schema, examples, single=endpoint == "native.predict"),
         "ok": ok,
-        "statuses": [400, 404, 413, 415, 503],
+        "statuses": [400, 404, 413, 415, 422, 503],
     }
 
 
