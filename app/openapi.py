@@ -1,6 +1,7 @@
 """GET /openapi.json: the API described from the app's routes and the registry; GET /docs: Swagger UI to try it."""
 
 import inspect
+import re
 import sys
 
 from flask import Blueprint, Flask, Response, current_app, url_for
@@ -23,6 +24,8 @@ _ADMIN_PREFIX = "admin."
 # Endpoints that serve files, not API operations.
 _NOT_OPERATIONS = frozenset({"static"})
 _METHODS = ("get", "post", "put", "patch", "delete")
+# A route's <converter:argument>, or <argument>.
+_PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
 _ERRORS = {
     400: "The request is malformed or does not fit the model (the message says how to fix it).",
@@ -79,7 +82,7 @@ def document(app: Flask) -> dict:
     shapes = dict(p.ERROR_SCHEMA for p in sorted(protocols, key=lambda p: p.__name__) if hasattr(p, "ERROR_SCHEMA"))
     paths: dict[str, dict] = {}
     for rule in sorted(operation_endpoints(app), key=lambda r: r.rule):
-        path = rule.rule.replace("<", "{").replace(">", "}")
+        path = _PARAM.sub(r"{\1}", rule.rule)  # /v1/models/<model:name> -> /v1/models/{name}
         for method in sorted(m.lower() for m in rule.methods if m.lower() in _METHODS):
             paths.setdefault(path, {})[method] = _operation(app, rule, method, registry)
     return {
@@ -119,7 +122,8 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
         op["description"] = " ".join(doc.split())
     params = [_path_parameter(arg, registry) for arg in rule.arguments]
     if params:
-        op["parameters"] = sorted(params, key=lambda p: rule.rule.index(f"<{p['name']}>"))
+        path = _PARAM.sub(r"{\1}", rule.rule)
+        op["parameters"] = sorted(params, key=lambda p: path.index(f"{{{p['name']}}}"))
     statuses = [500]
     protocol = _protocol(endpoint)
     if endpoint not in PUBLIC and endpoint not in getattr(protocol, "PUBLIC", ()):
@@ -139,7 +143,7 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
     parts = protocol.openapi_operation(endpoint, method, registry, app.config) if protocol else None
     if parts:
         ok = parts.get("ok", ok)
-        statuses += parts.get("statuses", [])
+        statuses += list(parts.get("statuses", ()))
         if "requestBody" in parts:
             op["requestBody"] = parts["requestBody"]
     shape = protocol.ERROR_SCHEMA[0] if protocol and hasattr(protocol, "ERROR_SCHEMA") else "Error"
@@ -222,6 +226,8 @@ def one_of_models(schemas: list[dict]) -> dict:
     return unique[0] if len(unique) == 1 else {"anyOf": unique} if unique else {"type": "object"}
 
 
+# The errors every predict route may answer, whatever its protocol: the pipeline and validation are shared.
+PREDICT_STATUSES = (400, 404, 413, 415, 422, 503)
 # The headers every predict answer carries, as each protocol's operation documents them.
 CACHE_HEADERS = {
     "X-Cache": {

@@ -79,7 +79,13 @@ def from_columns(columns: dict, model: Model, max_rows: int, field: str) -> np.n
     values = [v if type(v) is list else [v] for v in columns.values()]
     lengths = {len(v) for v in values}
     if len(lengths) != 1:
-        raise invalid(f"the columns of {field} have different lengths ({', '.join(map(str, sorted(lengths)))})")
+        # 422, not 400: a JSON schema can say what each column holds but not that all have one length.
+        raise ApiError(
+            422,
+            "invalid_input",
+            f"the columns of {field} have different lengths ({', '.join(map(str, sorted(lengths)))}); send one "
+            "value per row in each",
+        )
     if order is not None:
         values = [values[j] for j in order]
     return to_matrix([list(row) for row in zip(*values)], model, max_rows, field)

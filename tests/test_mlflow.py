@@ -304,10 +304,6 @@ BAD_JSON = {
     ),
     "inputs empty": ({"inputs": []}, "inputs must be a non-empty list"),
     "inputs null value": ({"inputs": [[1, 2, None, 4]]}, "inputs[0][2] is null"),
-    "columns different lengths": (
-        {"inputs": {**columns(ROWS, FEATURES), "petal_width": [SENTINEL]}},
-        "different lengths",
-    ),
     "params not an object": ({"inputs": ROWS, "params": ["predict_proba"]}, "params must be an object"),
     "unknown predict_method": (
         {"inputs": ROWS, "params": {"predict_method": "predict_log_proba"}},
@@ -330,6 +326,12 @@ def test_bad_json_is_a_400_in_mlflows_shape(client, body, fragment):
     message = mlflow_error(invoke(client, body), 400, "BAD_REQUEST")
     assert fragment in message
     assert str(SENTINEL) not in message and "predict_log_proba" not in message
+
+
+def test_columns_of_different_lengths_are_a_422(client):
+    """Columns the schema allows (each a list of numbers) that cannot form rows: 422, the schema can't say it."""
+    r = invoke(client, {"inputs": {**columns(ROWS, FEATURES), "petal_width": [SENTINEL]}})
+    assert "different lengths" in mlflow_error(r, 422, "BAD_REQUEST")
 
 
 def test_predict_proba_on_a_regressor_is_a_400(make_app, make_model):

@@ -4,12 +4,12 @@ import logging
 
 import numpy as np
 from flask import Blueprint, Response
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.routing import BaseConverter
 
 from app import errors
 from app.auth import auth
 from app.errors import ApiError
-from app.openapi import CACHE_HEADERS, instance_schema, json_body, models_for, one_of_models
+from app.openapi import CACHE_HEADERS, PREDICT_STATUSES, instance_schema, json_body, models_for, one_of_models
 from app.protocols import (
     cache_headers,
     json_response,
@@ -20,13 +20,13 @@ from app.protocols import (
     registry,
     run,
 )
-from app.registry import Entry, Model, Registry
+from app.registry import NAME, Entry, Model, Registry
 from app.validation import field_name, from_columns, invalid, to_matrix
 
 log = logging.getLogger(__name__)
 
 # The prefix also gives this protocol the routing failures under /v1 (a wrong method, an unknown path), so a KServe
-# client gets KServe's error shape for those too (errors._owner).
+# client gets KServe's error shape for those too (errors._blueprint).
 bp = Blueprint("kserve", __name__, url_prefix="/v1")
 # KServe's servers answer every failure as {"error": "<message>"}; the request id is in the X-Request-ID header.
 errors.register_handlers(bp, lambda status, code, message, request_id: {"error": message})
@@ -35,8 +35,17 @@ errors.register_handlers(bp, lambda status, code, message, request_id: {"error":
 # may also be TensorFlow Serving's columnar form, an object of feature name -> values, which V1 inherits.
 _FIELDS = ("instances", "inputs")
 _EXAMPLE = '{"instances": [[...]]}'
-# The verbs a POST route takes after the model's name; a GET of one is a wrong method, not an unknown model.
-_VERBS = ("predict",)
+
+
+class ModelName(BaseConverter):
+    """A model name as the registry allows it (registry.NAME): no colon, so /v1/models/iris:predict is never read
+    as the model "iris:predict", and a GET of it is routing's own 405 (Allow: POST)."""
+
+    regex = NAME.pattern
+
+
+# Registered before this blueprint's rules are added, which need it.
+bp.record_once(lambda state: state.app.url_map.converters.setdefault("model", ModelName))
 
 
 @bp.get("/models")
@@ -46,20 +55,17 @@ def models() -> Response:
     return json_response({"models": sorted(registry().entries)})
 
 
-@bp.get("/models/<name>")
+@bp.get("/models/<model:name>")
 @auth.login_required
 def model_ready(name: str) -> Response:
     """Whether a model can answer: {"name", "ready": true}, or 503 when a version it may answer with cannot."""
-    # The default converter takes "iris:predict" whole here; no model name holds a colon (registry.NAME).
-    if ":" in name and name.rpartition(":")[2] in _VERBS:
-        raise MethodNotAllowed(valid_methods=["POST"])
     entry = registry().entry(name)
     if not _answers(entry):
         raise ApiError(503, "model_unavailable", f"Model {entry.name} is not ready; GET /models/{entry.name} says why.")
     return json_response({"name": entry.name, "ready": True})
 
 
-@bp.post("/models/<name>:predict")
+@bp.post("/models/<model:name>:predict")
 @auth.login_required
 def predict(name: str) -> Response:
     """Predict with a model's default version (or one drawn by its traffic split): {"predictions": [...]}."""
@@ -127,7 +133,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     examples = {key: {"instances": [m.sample_row]} for key, m in models.items()}
     ok = _ok("One prediction per row, from the model's default version (or its traffic split).", _PREDICT_RESPONSE)
     ok["headers"] = CACHE_HEADERS
-    return {"requestBody": json_body(schema, examples, single=False), "ok": ok, "statuses": [400, 404, 413, 415, 503]}
+    return {"requestBody": json_body(schema, examples, single=False), "ok": ok, "statuses": PREDICT_STATUSES}
 
 
 def _ok(description: str, schema: dict) -> dict:

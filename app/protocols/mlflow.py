@@ -16,7 +16,7 @@ from flask import Blueprint, Response, request
 from app import errors
 from app.auth import auth
 from app.errors import ApiError
-from app.openapi import API_VERSION, CACHE_HEADERS, json_body, models_for, one_of_models, row_schema
+from app.openapi import API_VERSION, CACHE_HEADERS, PREDICT_STATUSES, json_body, models_for, one_of_models, row_schema
 from app.protocols import (
     cache_headers,
     default_model,
@@ -310,7 +310,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     single = endpoint == "mlflow.invocations"
     schema = one_of_models([_request_schema(m, config["MAX_ROWS"]) for m in models.values()])
     body = json_body(schema, {key: _json_example(m) for key, m in models.items()}, single)
-    csv_schema = {"type": "string", "description": "A header row of column names, then one row of numbers per line."}
+    csv_schema = one_of_models([_csv_schema(m, config["MAX_ROWS"]) for m in models.values()])
     csv_examples = {key: _csv_example(m) for key, m in models.items()}
     body["content"] |= json_body(csv_schema, csv_examples, single, "text/csv")["content"]
     ok = {
@@ -318,7 +318,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
         "headers": CACHE_HEADERS,
         "content": {"application/json": {"schema": _RESPONSE}},
     }
-    return {"requestBody": body, "ok": ok, "statuses": [400, 404, 413, 415, 503]}
+    return {"requestBody": body, "ok": ok, "statuses": PREDICT_STATUSES}
 
 
 def _column_labels(model: Model) -> list:
@@ -335,6 +335,20 @@ def _csv_example(model: Model) -> str:
     """A sample row as pandas' to_csv(index=False) writes it."""
     header = ",".join(map(str, _column_labels(model)))
     return f"{header}\n{','.join(map(repr, model.sample_row))}\n"
+
+
+def _csv_schema(model: Model, max_rows: int) -> dict:
+    """A CSV body as a pattern: the header in the model's column order, then rows of plain decimal numbers. The
+    columns may come in any order; a pattern can only say one of them."""
+    # Exponents of at most two digits keep every matching number inside float64 (a 1e400 cell is a 400).
+    number = r"[+-]?(?:\d{1,17}\.?\d{0,17}|\.\d{1,17})(?:[eE][+-]?\d{1,2})?"
+    row = number + f"(?:,{number}){{{model.n_features - 1}}}"
+    header = ",".join(re.escape(str(label)) for label in _column_labels(model))
+    return {
+        "type": "string",
+        "description": "A header row of column names (any order), then one row of numbers per line.",
+        "pattern": f"^{header}\r?\n{row}(?:\r?\n{row}){{0,{max_rows - 1}}}\r?\n?$",
+    }
 
 
 def _request_schema(model: Model, max_rows: int) -> dict:
@@ -364,7 +378,7 @@ def _request_schema(model: Model, max_rows: int) -> dict:
     }
     methods = list(_METHODS) if model.has_proba else ["predict"]
     params = {
-        "type": "object",
+        "type": ["object", "null"],  # null: no params, as MLflow reads it
         "properties": {"predict_method": {"enum": methods, "default": "predict"}},
         "additionalProperties": False,
     }

@@ -4,7 +4,15 @@ from flask import Blueprint, Response, request
 
 from app import errors
 from app.auth import auth
-from app.openapi import CACHE_HEADERS, instance_schema, json_body, models_for, one_of_models, row_schema
+from app.openapi import (
+    CACHE_HEADERS,
+    PREDICT_STATUSES,
+    instance_schema,
+    json_body,
+    models_for,
+    one_of_models,
+    row_schema,
+)
 from app.protocols import cache_headers, default_model, json_response, log_model, max_rows, read_json, registry, run
 from app.registry import Model, Registry
 from app.validation import field_name, invalid, to_matrix
@@ -123,7 +131,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     return {
         "requestBody": json_body(schema, examples, single=endpoint == "native.predict"),
         "ok": ok,
-        "statuses": [400, 404, 413, 415, 422, 503],
+        "statuses": PREDICT_STATUSES,
     }
 
 
