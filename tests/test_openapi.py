@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -69,14 +70,18 @@ def test_security_matches_what_the_routes_enforce(two_models, spec):
 
 
 def test_every_error_is_the_one_shape(spec):
-    """Every documented non-2xx answer points at the shared Error schema, which is Sibyl's error body."""
+    """Every documented non-2xx answer points at its protocol's one error schema (a protocol module's ERROR_SCHEMA,
+    else the shared Error schema, which is Sibyl's error body)."""
     for ops in spec["paths"].values():
         for op in ops.values():
+            protocol = sys.modules.get(f"app.protocols.{op['tags'][0]}")
+            shape = protocol.ERROR_SCHEMA[0] if hasattr(protocol, "ERROR_SCHEMA") else ""
             for status, response in op["responses"].items():
                 if not status.startswith("2"):
-                    assert response == {"$ref": f"#/components/responses/{status}"}
-    for response in spec["components"]["responses"].values():
-        assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+                    assert response == {"$ref": f"#/components/responses/{shape}{status}"}
+    for key, response in spec["components"]["responses"].items():
+        shape = key.rstrip("0123456789") or "Error"
+        assert response["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{shape}"}
     assert spec["components"]["schemas"]["Error"]["properties"]["error"]["required"] == [
         "code",
         "message",
