@@ -31,17 +31,18 @@ def read_json() -> dict:
     return parse_json(read_body())
 
 
-def parse_json(data: bytes) -> dict:
-    """A body's bytes as a JSON object, or a 400 saying what is wrong with it (never quoting it)."""
+def parse_json(data: bytes, example: str = '{"features": [[...]]}') -> dict:
+    """A body's bytes as a JSON object, or a 400 saying what is wrong with it (never quoting it); example is the
+    body the protocol's messages suggest."""
     if not data:
-        raise ApiError(400, "invalid_json", 'The request body is empty; send e.g. {"features": [[...]]}.')
+        raise ApiError(400, "invalid_json", f"The request body is empty; send e.g. {example}.")
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError as e:
         # orjson's message gives the position, never the content; NaN and Infinity are not JSON.
         raise ApiError(400, "invalid_json", f"The body is not valid JSON ({e}).") from None
     if type(body) is not dict:
-        raise ApiError(400, "invalid_json", 'The body must be a JSON object, e.g. {"features": [[...]]}.')
+        raise ApiError(400, "invalid_json", f"The body must be a JSON object, e.g. {example}.")
     return body
 
 

@@ -61,6 +61,7 @@ _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name"
 _INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _HEADER = "Inference-Header-Content-Length"
+_EXAMPLE = '{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP64", "data": [[...]]}]}'
 _DIGITS = re.compile(r"[0-9]{1,15}")
 
 
@@ -164,10 +165,8 @@ def _infer(model: Model) -> Response:
     """Decode the request (JSON, or a JSON header and binary tensors), predict, answer in the form asked."""
     log_model(model)
     data = read_body()
-    if not data:
-        raise invalid('The request body is empty; send {"inputs": [{"name", "shape", "datatype", "data"}]}.')
     length = _header_length(len(data))
-    body = parse_json(data if length is None else data[:length])
+    body = parse_json(data if length is None else data[:length], _EXAMPLE)
     binary = None if length is None else memoryview(data)[length:]
     if unknown := sorted(set(body) - _REQUEST_KEYS):
         raise invalid(f"unknown field {field_name(unknown[0])}; a request takes id, parameters, inputs and outputs")
