@@ -141,6 +141,21 @@ def test_model_ready_is_a_fact_about_this_worker(app):
         assert r.status_code == 503 and "onnxruntime" not in error_of(r)
 
 
+def test_openapi_describes_v2_in_its_error_shape(client):
+    """/openapi.json documents the V2 routes: probes public, the rest secured, errors as V2Error, the binary form."""
+    spec = client.get("/openapi.json").json
+    assert spec["components"]["schemas"]["V2Error"]["required"] == ["error"]
+    assert "security" not in spec["paths"]["/v2/health/live"]["get"]
+    assert "security" not in spec["paths"]["/v2/health/ready"]["get"]
+    infer_op = spec["paths"]["/v2/models/{name}/infer"]["post"]
+    assert "security" in infer_op and spec["paths"]["/v2"]["get"]["security"]
+    assert infer_op["responses"]["401"] == {"$ref": "#/components/responses/V2Error401"}
+    assert {"400", "404", "413", "415"} <= set(infer_op["responses"])
+    assert HEADER in infer_op["requestBody"]["description"]
+    example = infer_op["requestBody"]["content"]["application/json"]["examples"]["iris"]["value"]
+    assert infer(client, example).status_code == 200
+
+
 # --- infer, JSON ---
 
 

@@ -58,7 +58,7 @@ _OUTPUTS = ("predict", "predict_proba")
 _DEFAULT_OUTPUTS = ("predict",)
 # model_name and model_version appear in Triton's own examples of request bodies; the URL decides both.
 _REQUEST_KEYS = frozenset({"id", "parameters", "inputs", "outputs", "model_name", "model_version"})
-_INPUT_KEYS = frozenset({"name", "shape", "datatype", "parameters", "data"})
+_INPUT_KEYS = ("name", "shape", "datatype", "parameters", "data")
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 _HEADER = "Inference-Header-Content-Length"
 _EXAMPLE = '{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP64", "data": [[...]]}]}'
@@ -247,7 +247,7 @@ def _inputs(inputs: object, binary: memoryview | None) -> list[tuple[str, np.nda
         where = f"inputs[{i}]"
         if type(tensor) is not dict:
             raise invalid(f'{where} must be an object {{"name", "shape", "datatype", "data"}}')
-        if unknown := sorted(set(tensor) - _INPUT_KEYS):
+        if unknown := sorted(set(tensor).difference(_INPUT_KEYS)):
             raise invalid(
                 f"{where} has unknown field {field_name(unknown[0])}; a tensor takes {', '.join(_INPUT_KEYS)}"
             )
