@@ -37,9 +37,9 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["sibyl.registry"] = load_registry(app.config, cache.round_trip)
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
     from app import admin, health, openapi
-    from app.protocols import kserve, mlflow, native, refuse_encoded_slash
+    from app.protocols import kserve, mlflow, native, refuse_encoded_slash, v2
 
     app.before_request(refuse_encoded_slash)
-    for module in (health, native, mlflow, kserve, admin, openapi):
+    for module in (health, native, mlflow, kserve, v2, admin, openapi):
         app.register_blueprint(module.bp)
     return app

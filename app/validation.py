@@ -45,6 +45,23 @@ def to_matrix(rows: object, model: Model, max_rows: int, field: str = "features"
     return X
 
 
+def check_array(X: np.ndarray, model: Model, max_rows: int, field: str) -> np.ndarray:
+    """to_matrix's checks for rows a protocol decoded itself (binary or typed tensors): at least one row, at most
+    max_rows (413), n_features values each, every value finite; returned as a contiguous float64 matrix."""
+    n = model.n_features
+    if X.ndim != 2 or not len(X):
+        raise invalid(f"{field} must hold at least one row of {n} values")
+    if len(X) > max_rows:
+        raise ApiError(413, "too_many_rows", f"{len(X)} rows sent; at most {max_rows} per request (MAX_ROWS)")
+    if X.shape[1] != n:
+        raise invalid(f"{field} has {X.shape[1]} values per row; the model expects {n}{_names(model)}")
+    X = np.ascontiguousarray(X, dtype=np.float64)  # every numeric tensor type fits float64's range
+    if not np.isfinite(X).all():
+        i = int(np.argwhere(~np.isfinite(X))[0][0])
+        raise invalid(f"{field} row {i} holds a value that is not finite (NaN or infinity); values must be finite")
+    return X
+
+
 def column_order(names: object, model: Model, where: str) -> list[int] | None:
     """Where each of the model's features is among the named columns sent (None: already in order), or a 400 naming
     the missing and unknown columns. A model without feature names takes its columns in the order sent."""

@@ -82,7 +82,7 @@ def test_every_error_is_the_one_shape(spec):
                 if not status.startswith("2"):
                     assert response == {"$ref": f"#/components/responses/{shape}{status}"}
     assert shapes["native_predict"] == "" and shapes["mlflow_invocations"] == "MlflowError"
-    assert shapes["kserve_predict"] == "KserveError"
+    assert shapes["kserve_predict"] == "KserveError" and shapes["v2_infer"] == "V2Error"
     assert spec["components"]["schemas"]["KserveError"]["properties"]["error"]["type"] == "string"
     for key, response in spec["components"]["responses"].items():
         shape = key.rstrip("0123456789") or "Error"
