@@ -284,7 +284,6 @@ BAD_JSON = {
     "unknown field": ({"inputs": ROWS, "param": {}}, "Unknown field 'param'"),
     "split without columns": ({"dataframe_split": {"data": ROWS}}, "dataframe_split must be an object with columns"),
     "split unknown key": ({"dataframe_split": {"columns": FEATURES, "data": ROWS, "dtypes": {}}}, "unknown field"),
-    "split index length": ({"dataframe_split": {"columns": FEATURES, "data": ROWS, "index": [0]}}, "one label per row"),
     "split duplicate column": (
         {"dataframe_split": {"columns": [*FEATURES[:3], "sepal_length"], "data": ROWS}},
         "more than once",
@@ -328,10 +327,17 @@ def test_bad_json_is_a_400_in_mlflows_shape(client, body, fragment):
     assert str(SENTINEL) not in message and "predict_log_proba" not in message
 
 
-def test_columns_of_different_lengths_are_a_422(client):
-    """Columns the schema allows (each a list of numbers) that cannot form rows: 422, the schema can't say it."""
-    r = invoke(client, {"inputs": {**columns(ROWS, FEATURES), "petal_width": [SENTINEL]}})
-    assert "different lengths" in mlflow_error(r, 422, "BAD_REQUEST")
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        ({"inputs": {**columns(ROWS, FEATURES), "petal_width": [SENTINEL]}}, "different lengths"),
+        ({"dataframe_split": {"columns": FEATURES, "data": ROWS, "index": [0]}}, "one label per row"),
+    ],
+    ids=["columns of different lengths", "index shorter than data"],
+)
+def test_lengths_a_schema_cannot_state_are_a_422(client, body, says):
+    """What the schema allows piece by piece (lists of numbers, a list of labels) but cannot form rows: 422."""
+    assert says in mlflow_error(invoke(client, body), 422, "BAD_REQUEST")
 
 
 def test_predict_proba_on_a_regressor_is_a_400(make_app, make_model):

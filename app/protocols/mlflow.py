@@ -179,8 +179,11 @@ def _from_split(split: object, model: Model):
     names = _column_names(split["columns"], "dataframe_split.columns")
     data, index = split["data"], split.get("index")
     # The index labels rows; predictions follow data's order, as MLflow returns them.
-    if index is not None and (type(index) is not list or (type(data) is list and len(index) != len(data))):
+    if index is not None and type(index) is not list:
         raise invalid("dataframe_split.index must be a list with one label per row of data")
+    if index is not None and type(data) is list and len(index) != len(data):
+        # 422, not 400: a JSON schema can say index is a list, not that it is as long as data.
+        raise ApiError(422, "invalid_input", "dataframe_split.index must hold one label per row of data")
     order = column_order(names, model, "dataframe_split.columns")
     return to_matrix(
         reorder(data, order, len(names), "dataframe_split.data"), model, max_rows(), "dataframe_split.data"
@@ -356,7 +359,8 @@ def _request_schema(model: Model, max_rows: int) -> dict:
     n, names = model.n_features, model.feature_names
     number = {"type": "number"}
     rows = {"type": "array", "items": row_schema(model), "minItems": 1, "maxItems": max_rows}
-    label = {"type": "string"} if names else {"type": ["string", "integer"]}
+    # Named features: exactly those names, in any order (uniqueItems and the count make it a permutation).
+    label = {"enum": list(names)} if names else {"type": ["string", "integer"]}
     if names:
         record = {"type": "object", "properties": {k: number for k in names}, "required": list(names)}
         cells = {"anyOf": [number, {"type": "array", "items": number}]}
@@ -372,7 +376,10 @@ def _request_schema(model: Model, max_rows: int) -> dict:
         "properties": {
             "columns": {"type": "array", "items": label, "minItems": n, "maxItems": n, "uniqueItems": True},
             "data": rows,
-            "index": {"type": "array", "description": "Row labels (ignored: predictions follow data's order)."},
+            "index": {
+                "type": ["array", "null"],
+                "description": "Row labels, one per row (ignored: predictions follow data's order).",
+            },
         },
         "additionalProperties": False,
     }

@@ -12,7 +12,7 @@ from app import errors
 from app.auth import auth
 from app.errors import ApiError
 from app.health import models_answer
-from app.openapi import json_body, models_for, one_of_models
+from app.openapi import CACHE_HEADERS, PREDICT_STATUSES, json_body, models_for, one_of_models
 from app.pipeline import Prediction
 from app.protocols import cache_headers, json_response, log_model, max_rows, parse_json, read_body, run
 from app.registry import Model, Registry, version_key
@@ -173,6 +173,9 @@ def _infer(model: Model) -> Response:
     request_id = body.get("id")
     if request_id is not None and type(request_id) is not str:
         raise invalid("'id' must be a string")
+    for key in ("model_name", "model_version"):  # the URL decides both; a sent value must still be a string
+        if key in body and type(body[key]) is not str:
+            raise invalid(f"{key!r} must be a string")
     parameters = _parameters(body.get("parameters"), "parameters")
     if "sequence_id" in parameters:
         raise invalid("this server serves no sequence models; drop the sequence parameters")
@@ -286,7 +289,7 @@ def _describe(tensor: dict, where: str) -> tuple[str, list[int], np.dtype]:
         raise invalid(f"{where}.name must be a non-empty string")
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise invalid(f"{where}.shape must be a list of whole numbers, e.g. [2, 4] for 2 rows of 4 features")
-    if datatype not in _DTYPES:
+    if type(datatype) is not str or datatype not in _DTYPES:  # a list or an object is unhashable: not a 500
         if datatype == "BYTES":
             raise invalid(f"{where}: features are numbers; send them as FP64, FP32, INTn, UINTn or BOOL, not BYTES")
         raise invalid(f"{where}.datatype must be one of {', '.join(_DTYPES)}")
@@ -431,6 +434,13 @@ _BINARY_FORM = (
 )
 
 
+_BINARY_REPLY = (
+    "When binary outputs are asked for (outputs[].parameters.binary_data, or parameters.binary_data_output): the "
+    "JSON reply, as long as the Inference-Header-Content-Length header says, then each binary output's bytes in "
+    "order (parameters.binary_data_size each)."
+)
+
+
 def openapi_operation(endpoint: str, method: str, registry: Registry, config) -> dict | None:
     """This protocol's part of an operation in GET /openapi.json: infer bodies and every route's answer."""
     if endpoint in _INFER:
@@ -438,11 +448,12 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
         schema = one_of_models([_request_schema(m, config["MAX_ROWS"]) for m in models.values()])
         body = json_body(schema, {key: _example(m) for key, m in models.items()}, single=False)
         body["description"] = _BINARY_FORM
-        return {
-            "requestBody": body,
-            "ok": _ok("The outputs asked for, and which version answered.", _RESPONSE),
-            "statuses": [400, 413, 415, 503],
-        }
+        ok = _ok("The outputs asked for, and which version answered.", _RESPONSE)
+        ok["headers"] = CACHE_HEADERS
+        # Binary outputs, when asked for: the JSON header (Inference-Header-Content-Length bytes), then the tensors.
+        binary = {"type": "string", "format": "binary", "description": _BINARY_REPLY}
+        ok["content"]["application/octet-stream"] = {"schema": binary}
+        return {"requestBody": body, "ok": ok, "statuses": PREDICT_STATUSES}
     answers = {
         "v2.server_metadata": ("Server metadata.", _SERVER_SCHEMA, []),
         "v2.live": ("The process answers.", _flag_schema("live"), []),
@@ -482,11 +493,11 @@ def _request_schema(model: Model, max_rows: int) -> dict:
         "type": "object",
         "required": ["name", "shape", "datatype", "data"],
         "properties": {
-            "name": {"type": "string"},
+            "name": {"type": "string", "minLength": 1},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": 2},
             "datatype": {"enum": list(_DTYPES)},
             "data": {"type": "array", "description": "Row-major values, flat or nested."},
-            "parameters": {"type": "object"},
+            "parameters": {"type": ["object", "null"]},
         },
         "additionalProperties": False,
     }
@@ -502,7 +513,7 @@ def _request_schema(model: Model, max_rows: int) -> dict:
         "required": ["name"],
         "properties": {
             "name": {"enum": names},
-            "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
+            "parameters": {"type": ["object", "null"], "properties": {"binary_data": {"type": "boolean"}}},
         },
     }
     return {
@@ -510,10 +521,11 @@ def _request_schema(model: Model, max_rows: int) -> dict:
         "type": "object",
         "required": ["inputs"],
         "properties": {
-            "id": {"type": "string", "description": "Echoed in the reply."},
-            "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+            # null, like absent, for the optional fields the service reads with a default.
+            "id": {"type": ["string", "null"], "description": "Echoed in the reply."},
+            "parameters": {"type": ["object", "null"], "properties": {"binary_data_output": {"type": "boolean"}}},
             "inputs": inputs,
-            "outputs": {"type": "array", "items": output, "description": "Absent: predict only."},
+            "outputs": {"type": ["array", "null"], "items": output, "description": "Absent: predict only."},
             "model_name": {"type": "string"},
             "model_version": {"type": "string"},
         },
