@@ -1,7 +1,5 @@
 """KServe's V1 inference protocol: GET /v1/models, GET /v1/models/<name>, POST /v1/models/<name>:predict."""
 
-import logging
-
 import numpy as np
 from flask import Blueprint, Response
 from werkzeug.routing import BaseConverter
@@ -9,6 +7,7 @@ from werkzeug.routing import BaseConverter
 from app import errors
 from app.auth import auth
 from app.errors import ApiError
+from app.health import models_answer
 from app.openapi import CACHE_HEADERS, PREDICT_STATUSES, instance_schema, json_body, models_for, one_of_models
 from app.protocols import (
     cache_headers,
@@ -22,8 +21,6 @@ from app.protocols import (
 )
 from app.registry import NAME, Entry, Model, Registry
 from app.validation import field_name, from_columns, invalid, to_matrix
-
-log = logging.getLogger(__name__)
 
 # The prefix also gives this protocol the routing failures under /v1 (a wrong method, an unknown path), so a KServe
 # client gets KServe's error shape for those too (errors._blueprint).
@@ -82,16 +79,7 @@ def _answers(entry: Entry) -> bool:
     """Whether every version the model's route may draw is loaded and answers its sample row (a fact, as /ready
     checks it, not a flag set at load time)."""
     drawn = [v for v, weight in entry.traffic.items() if weight] or [entry.default]
-    for version in drawn:
-        model = entry.versions.get(version)
-        if model is None:
-            return False
-        try:
-            model.backend.predict(np.asarray([model.sample_row], dtype=np.float64), False)
-        except Exception:  # any failure means not ready; the log keeps the trace
-            log.exception("not ready: model %s version %s failed to answer a sample row", model.name, version)
-            return False
-    return True
+    return all(v in entry.versions for v in drawn) and models_answer([entry.versions[v] for v in drawn])
 
 
 def _matrix(body: dict, model: Model) -> np.ndarray:
