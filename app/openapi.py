@@ -238,6 +238,17 @@ CACHE_HEADERS = {
 }
 
 
+def request_object(model: Model, properties: dict, fields: tuple) -> dict:
+    """A predict body's schema for a model: these properties and no others, the rows in exactly one of fields."""
+    return {
+        "title": f"{model.name} {model.version}",
+        "type": "object",
+        "properties": properties,
+        "oneOf": [{"required": [field]} for field in fields],
+        "additionalProperties": False,
+    }
+
+
 def json_body(schema: dict, examples: dict[str, dict], single: bool, media: str = "application/json") -> dict:
     """A required request body: its schema, and one example per model (a single "example" when single)."""
     content: dict = {"schema": schema}

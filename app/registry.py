@@ -206,15 +206,20 @@ def _outputs_per_row(estimator: Any, n_features: int) -> int:
     return max(declared, y.shape[1] if y.ndim == 2 else 1)
 
 
+def read_object(path: Path, what: str, error: type[Exception], shape: str = "") -> dict:
+    """A JSON file holding an object, or error naming what and the file: unreadable, not JSON, not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{what} {path} is unreadable: {e}") from None
+    if type(value) is not dict:
+        raise error(f"{what} {path} {shape or 'is not a JSON object'}")
+    return value
+
+
 def read_metadata(meta_file: Path) -> dict:
     """A version's model.json as a dict, or ModelError naming the file (unreadable, not JSON, not an object)."""
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model metadata {meta_file} is unreadable: {e}") from None
-    if type(meta) is not dict:
-        raise ModelError(f"model metadata {meta_file} is not a JSON object")
-    return meta
+    return read_object(meta_file, "model metadata", ModelError)
 
 
 def load_model(
@@ -510,13 +515,8 @@ def raw_manifest(path: Path) -> dict:
     """A model's manifest as written (absent: {}), or StartupError if it is not a readable JSON object."""
     if not path.exists():
         return {}
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise StartupError(f"manifest {path} is unreadable: {e}") from None
-    if type(manifest) is not dict:
-        raise StartupError(f"manifest {path} must be a JSON object with keys {', '.join(_MANIFEST_KEYS)}")
-    return manifest
+    shape = f"must be a JSON object with keys {', '.join(_MANIFEST_KEYS)}"
+    return read_object(path, "manifest", StartupError, shape)
 
 
 def read_manifest(path: Path, versions: list[str], cache_default: str = CACHE_POLICIES[0]) -> dict:

@@ -8,7 +8,15 @@ from app import errors
 from app.auth import auth
 from app.errors import ApiError
 from app.health import models_answer
-from app.openapi import CACHE_HEADERS, PREDICT_STATUSES, instance_schema, json_body, models_for, one_of_models
+from app.openapi import (
+    CACHE_HEADERS,
+    PREDICT_STATUSES,
+    instance_schema,
+    json_body,
+    models_for,
+    one_of_models,
+    request_object,
+)
 from app.protocols import (
     cache_headers,
     json_response,
@@ -143,16 +151,11 @@ def _request_schema(model: Model, max_rows: int) -> dict:
             "additionalProperties": False,
         }
         inputs = {"anyOf": [rows | {"description": "Rows, as instances takes them."}, columns]}
-    return {
-        "title": f"{model.name} {model.version}",
-        "type": "object",
-        "properties": {
-            "instances": rows | {"description": "Rows as arrays, or as objects keyed by feature name."},
-            "inputs": inputs,
-        },
-        "oneOf": [{"required": [field]} for field in _FIELDS],
-        "additionalProperties": False,
+    properties = {
+        "instances": rows | {"description": "Rows as arrays, or as objects keyed by feature name."},
+        "inputs": inputs,
     }
+    return request_object(model, properties, _FIELDS)
 
 
 _MODELS_RESPONSE = {

@@ -16,7 +16,16 @@ from flask import Blueprint, Response, request
 from app import errors
 from app.auth import auth
 from app.errors import ApiError
-from app.openapi import API_VERSION, CACHE_HEADERS, PREDICT_STATUSES, json_body, models_for, one_of_models, row_schema
+from app.openapi import (
+    API_VERSION,
+    CACHE_HEADERS,
+    PREDICT_STATUSES,
+    json_body,
+    models_for,
+    one_of_models,
+    request_object,
+    row_schema,
+)
 from app.protocols import (
     cache_headers,
     default_model,
@@ -390,19 +399,14 @@ def _request_schema(model: Model, max_rows: int) -> dict:
         "additionalProperties": False,
     }
     tensor = {"anyOf": [rows, records, columns]}
-    return {
-        "title": f"{model.name} {model.version}",
-        "type": "object",
-        "properties": {
-            "dataframe_split": split | {"description": "pandas orient='split': column names and rows."},
-            "dataframe_records": records | {"description": "pandas orient='records': one object per row."},
-            "instances": tensor | {"description": "Rows, records, or an object of columns."},
-            "inputs": tensor | {"description": "Rows, records, or an object of columns."},
-            "params": params,
-        },
-        "oneOf": [{"required": [f]} for f in _FORMATS],
-        "additionalProperties": False,
+    properties = {
+        "dataframe_split": split | {"description": "pandas orient='split': column names and rows."},
+        "dataframe_records": records | {"description": "pandas orient='records': one object per row."},
+        "instances": tensor | {"description": "Rows, records, or an object of columns."},
+        "inputs": tensor | {"description": "Rows, records, or an object of columns."},
+        "params": params,
     }
+    return request_object(model, properties, _FORMATS)
 
 
 _RESPONSE = {

@@ -11,6 +11,7 @@ from app.openapi import (
     json_body,
     models_for,
     one_of_models,
+    request_object,
     row_schema,
 )
 from app.protocols import cache_headers, default_model, json_response, log_model, max_rows, read_json, registry, run
@@ -142,18 +143,13 @@ def _request_schema(model: Model, max_rows: int) -> dict:
     proba = {"type": "boolean", "description": "Add each row's class probabilities."}
     if not model.has_proba:
         proba = {"type": "boolean", "enum": [False], "description": f"{model.task} model: no probabilities."}
-    return {
-        "title": f"{model.name} {model.version}",
-        "type": "object",
-        "properties": {
-            "features": rows | {"description": f"Rows of {model.n_features} numbers, in the model's feature order."},
-            "instances": instances | {"description": "Rows as arrays, or as objects keyed by feature name."},
-            "data": instances | {"description": "The same as instances (the key some tutorials send)."},
-            "probabilities": proba,
-        },
-        "oneOf": [{"required": [field]} for field in _FIELDS],
-        "additionalProperties": False,
+    properties = {
+        "features": rows | {"description": f"Rows of {model.n_features} numbers, in the model's feature order."},
+        "instances": instances | {"description": "Rows as arrays, or as objects keyed by feature name."},
+        "data": instances | {"description": "The same as instances (the key some tutorials send)."},
+        "probabilities": proba,
     }
+    return request_object(model, properties, _FIELDS)
 
 
 _PREDICT_RESPONSE = {
