@@ -34,7 +34,7 @@ _ERRORS = {
     404: "No such model or version (the message lists what is served).",
     409: "The rollout was refused: this is not a gunicorn worker, or the models on disk would not load.",
     413: "The body is larger than MAX_BODY_BYTES, or holds more than MAX_ROWS rows.",
-    415: "The body is not JSON (Content-Type: application/json), or its Content-Encoding is not gzip.",
+    415: "The body is not of a media type the route takes, or its Content-Encoding is neither gzip nor deflate.",
     422: "The rows fit the schema, but the model's answer for one is not a finite number (NaN or infinity): its "
     "values are too far outside the range it was trained on.",
     500: "A bug; quote the request_id when reporting it.",

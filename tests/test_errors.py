@@ -2,6 +2,7 @@
 
 import gzip
 import tracemalloc
+import zlib
 
 import pytest
 import requests
@@ -106,9 +107,16 @@ def test_corrupt_gzip_is_400_saying_so(client, data):
     assert "gzip" in r.json["error"]["message"]
 
 
-@pytest.mark.parametrize("encoding", ["br", "deflate", "zstd", "gzip, gzip", "nonsense"])
+def test_corrupt_deflate_is_400_saying_so(client):
+    """A body that says deflate but is cut short is the same 400."""
+    r = post_encoded(client, zlib.compress(b'{"features": [[1, 2, 3, 4]]}')[:-6], "deflate")
+    assert_error_shape(r, 400, "invalid_gzip")
+    assert "deflate" in r.json["error"]["message"]
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "gzip, gzip", "nonsense"])
 def test_other_content_encodings_are_415_naming_gzip(client, encoding):
-    """Only gzip is inflated; anything else is refused with the encoding that is accepted."""
+    """Only gzip and deflate are inflated; anything else is refused with the encodings that are accepted."""
     r = post_encoded(client, b'{"features": [[1, 2, 3, 4]]}', encoding)
     assert_error_shape(r, 415, "unsupported_media_type")
     assert "gzip" in r.json["error"]["message"]

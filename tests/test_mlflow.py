@@ -364,7 +364,7 @@ def test_predict_proba_on_a_regressor_is_a_400(make_app, make_model):
         ("application/json; format=pandas-split", {}, "Unknown Content-Type parameter 'format': MLflow 2.0 dropped"),
         ("application/json; format=pandas-records", {}, "MLflow 2.0 dropped format="),
         ("text/csv; charset=latin-1", {}, "Only UTF-8 is accepted"),
-        ("application/json", {"Content-Encoding": "br"}, "The only Content-Encoding accepted is gzip"),
+        ("application/json", {"Content-Encoding": "br"}, "The Content-Encodings accepted are gzip and deflate"),
     ],
 )
 def test_wrong_media_type_is_a_415(client, content_type, headers, fragment):

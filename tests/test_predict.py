@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import zlib
 
 import joblib
 import numpy as np
@@ -133,6 +134,15 @@ def test_gzip_body_is_accepted(client, encoding):
         )
         assert r.status_code == 200
         assert r.json["predictions"] == ["setosa", "virginica"]
+
+
+def test_deflate_body_is_accepted(client):
+    """Content-Encoding: deflate (the zlib format, RFC 9110 8.4.1.2) is inflated too, as tritonclient sends it."""
+    data = zlib.compress(json.dumps({"features": IRIS_ROWS}).encode())
+    r = client.post(
+        "/predict", data=data, content_type="application/json", headers={**basic_auth(), "Content-Encoding": "deflate"}
+    )
+    assert r.json["predictions"] == ["setosa", "virginica"]
 
 
 def test_rows_in_two_fields_are_refused(client):

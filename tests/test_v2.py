@@ -496,12 +496,17 @@ def test_errors_never_echo_the_request(client):
 
 
 def test_unknown_model_and_bad_encodings(make_app):
-    """404 for an unknown model; 415 for a Content-Encoding other than gzip; 413 past MAX_BODY_BYTES; V2's shape."""
+    """404 for an unknown model or path; deflate (tritonclient's request compression) inflated, other encodings a
+    415; 413 past MAX_BODY_BYTES; V2's shape."""
     client = make_app(MAX_CONTENT_LENGTH=2000).test_client()
     body = json.dumps({"inputs": [matrix(IRIS_ROWS)]}).encode()
     r = client.post("/v2/models/nope/infer", data=body, headers=basic_auth())
     assert r.status_code == 404 and "serves: iris" in error_of(r)
+    r = client.get("/v2/no/such/route", headers=basic_auth())
+    assert r.status_code == 404 and error_of(r)
     r = client.post(INFER, data=zlib.compress(body), headers={**basic_auth(), "Content-Encoding": "deflate"})
+    assert r.status_code == 200 and r.json["outputs"][0]["data"] == ["setosa", "virginica"]
+    r = client.post(INFER, data=body, headers={**basic_auth(), "Content-Encoding": "br"})
     assert r.status_code == 415 and "gzip" in error_of(r)
     r = client.post(INFER, data=b"x" * 2001, headers=basic_auth())
     assert r.status_code == 413 and error_of(r)

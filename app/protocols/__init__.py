@@ -21,7 +21,7 @@ from app.registry import Model, Registry
 
 # numpy scalars can reach a reply (e.g. model metadata); orjson writes them natively.
 _DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
-_BAD_GZIP = "The body is not valid gzip (Content-Encoding: gzip): it is corrupt or cut short."
+_BAD_GZIP = "The body is not valid for its Content-Encoding (gzip or deflate): it is corrupt or cut short."
 
 
 def read_json() -> dict:
@@ -66,15 +66,23 @@ def read_body() -> bytes:
     return data
 
 
+# zlib's wbits per Content-Encoding: gzip (x-gzip is its old name, RFC 9110 8.4.1.3), and deflate, which HTTP
+# defines as the zlib format (RFC 9110 8.4.1.2), what tritonclient's request_compression_algorithm="deflate" sends.
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
 def _decode_body(data: bytes, encoding: str, limit: int) -> bytes:
-    """A gzip body inflated, at most limit bytes of it (a zip bomb is refused without inflating it all)."""
-    if encoding.strip().lower() not in ("gzip", "x-gzip"):  # x-gzip: the old name, RFC 9110 8.4.1.3
+    """A gzip or deflate body inflated, at most limit bytes of it (a zip bomb is refused without inflating it all)."""
+    wbits = _WBITS.get(encoding.strip().lower())
+    if wbits is None:
         raise ApiError(
-            415, "unsupported_media_type", "The only Content-Encoding accepted is gzip; or send the body uncompressed."
+            415,
+            "unsupported_media_type",
+            "The Content-Encodings accepted are gzip and deflate; or send the body uncompressed.",
         )
     out = b""
     while data:  # a gzip file may hold several members, one after another
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        inflater = zlib.decompressobj(wbits=wbits)
         try:
             out += inflater.decompress(data, limit + 1 - len(out))
         except zlib.error:

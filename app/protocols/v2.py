@@ -18,7 +18,9 @@ from app.protocols import cache_headers, json_response, log_model, max_rows, par
 from app.registry import Model, Registry, version_key
 from app.validation import check_array, column_order, field_name, invalid
 
-bp = Blueprint("v2", __name__)
+# The prefix also gives this protocol the routing failures under /v2 (an unknown path), so a V2 client gets V2's
+# error shape for those too (errors._blueprint).
+bp = Blueprint("v2", __name__, url_prefix="/v2")
 # The protocol's one error shape, {"error": "<message>"}: what tritonclient and KServe's clients read (the request id
 # travels in the X-Request-ID header).
 errors.register_handlers(bp, lambda status, code, message, request_id: {"error": message})
@@ -65,20 +67,20 @@ _EXAMPLE = '{"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP64", "
 _DIGITS = re.compile(r"[0-9]{1,15}")
 
 
-@bp.get("/v2")
+@bp.get("")
 @auth.login_required
 def server_metadata() -> Response:
     """Server metadata: name, API version and the protocol extensions served."""
     return json_response(_SERVER)
 
 
-@bp.get("/v2/health/live")
+@bp.get("/health/live")
 def live() -> Response:
     """Liveness: the process answers."""
     return json_response({"live": True})
 
 
-@bp.get("/v2/health/ready")
+@bp.get("/health/ready")
 def ready() -> Response:
     """Readiness: every model this worker loaded answers a sample row."""
     if not models_answer():
@@ -86,7 +88,7 @@ def ready() -> Response:
     return json_response({"ready": True})
 
 
-@bp.get("/v2/models/<name>")
+@bp.get("/models/<name>")
 @auth.login_required
 def model_metadata(name: str) -> Response:
     """A model's default version: its versions, inputs and outputs (names, datatypes, shapes; -1 is the batch)."""
@@ -96,7 +98,7 @@ def model_metadata(name: str) -> Response:
     return json_response(_metadata(model, sorted(entry.versions, key=version_key)))
 
 
-@bp.get("/v2/models/<name>/versions/<version>")
+@bp.get("/models/<name>/versions/<version>")
 @auth.login_required
 def version_metadata(name: str, version: str) -> Response:
     """One version of a model (named or by alias): its inputs and outputs."""
@@ -104,7 +106,7 @@ def version_metadata(name: str, version: str) -> Response:
     return json_response(_metadata(model, [model.version]))
 
 
-@bp.get("/v2/models/<name>/ready")
+@bp.get("/models/<name>/ready")
 @auth.login_required
 def model_ready(name: str) -> Response:
     """Whether this worker loaded the model's default version and it answers a sample row."""
@@ -112,21 +114,21 @@ def model_ready(name: str) -> Response:
     return _ready(registry.resolve(name, registry.entry(name).default))
 
 
-@bp.get("/v2/models/<name>/versions/<version>/ready")
+@bp.get("/models/<name>/versions/<version>/ready")
 @auth.login_required
 def version_ready(name: str, version: str) -> Response:
     """Whether this worker loaded that version and it answers a sample row."""
     return _ready(_registry().resolve(name, version))
 
 
-@bp.post("/v2/models/<name>/infer")
+@bp.post("/models/<name>/infer")
 @auth.login_required
 def infer(name: str) -> Response:
     """Predict with a model's default version (or a version drawn by its traffic split)."""
     return _infer(_registry().resolve(name))
 
 
-@bp.post("/v2/models/<name>/versions/<version>/infer")
+@bp.post("/models/<name>/versions/<version>/infer")
 @auth.login_required
 def infer_version(name: str, version: str) -> Response:
     """Predict with one version of a model, named or by alias."""
