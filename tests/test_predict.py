@@ -77,6 +77,19 @@ def test_probabilities_map_per_row(client, how):
         assert max(p, key=p.get) == label
 
 
+@pytest.mark.parametrize(("word", "asked"), [("ON", True), ("yes", True), ("1", True), ("off", False), ("", False)])
+def test_query_flag_takes_the_settings_words(client, word, asked):
+    """?probabilities= reads the words every setting takes (on/off included); empty is absent."""
+    r = post(client, {"features": IRIS_ROWS}, query_string={"probabilities": word})
+    assert r.status_code == 200 and ("probabilities" in r.json) == asked
+
+
+def test_query_flag_other_words_are_a_400(client):
+    """A word that is neither true nor false is refused, not read as false."""
+    r = post(client, {"features": IRIS_ROWS}, query_string={"probabilities": "maybe"})
+    assert r.status_code == 400 and "?probabilities=" in r.json["error"]["message"]
+
+
 def test_probabilities_absent_unless_asked(client):
     """Without the flag the response carries only predictions and model."""
     assert "probabilities" not in post(client, {"features": IRIS_ROWS}).json

@@ -2,6 +2,7 @@
 
 from flask import Blueprint, Response, request
 
+import config
 from app import errors
 from app.auth import auth
 from app.openapi import (
@@ -27,8 +28,6 @@ errors.register_handlers(bp)
 # "data" is the key a widely copied Flask tutorial sends; it means what "features" means.
 _FIELDS = ("features", "instances", "data")
 _KEYS = {*_FIELDS, "probabilities"}
-_TRUE = {"1", "true", "yes"}
-_FLAGS = _TRUE | {"", "0", "false", "no"}
 
 
 @bp.post("/predict")
@@ -108,10 +107,12 @@ def _wants_probabilities(body: dict) -> bool:
     flag = body.get("probabilities", False)
     if type(flag) is not bool:
         raise invalid("'probabilities' must be true or false")
-    arg = request.args.get("probabilities", "").lower() if request.query_string else ""
-    if arg not in _FLAGS:
-        raise invalid("?probabilities= must be true or false")
-    return flag or arg in _TRUE
+    arg = request.args.get("probabilities", "") if request.query_string else ""
+    try:
+        # The words every Sibyl setting takes (config.flag); an empty ?probabilities= reads as absent.
+        return flag or (config.flag(arg) if arg else False)
+    except ValueError:
+        raise invalid("?probabilities= must be true or false (or 1/0, yes/no, on/off)") from None
 
 
 _ROUTES = {"native.predict": "default", "native.predict_model": "model", "native.predict_version": "version"}
