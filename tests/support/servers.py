@@ -1,22 +1,28 @@
-"""The processes the live tests and the bench start (redis-server, gunicorn): loopback ports, always stopped."""
+"""The processes the live tests and the bench start (redis-server, gunicorn, prometheus): loopback ports, always
+stopped."""
 
 import contextlib
+import copy
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import redis
 import requests
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy" / "prometheus"
 _PR_SET_PDEATHSIG = 1
 
 # Every long-lived process we start, so stop_all() can end them on any exit path.
@@ -226,3 +232,120 @@ def tcp_sockets(pid: int, port: int, remote: bool = False) -> set[int]:
 def proc_stat(pid: int) -> list[str]:
     """The fields of /proc/PID/stat after the command name (which may hold spaces): state, ppid, ..."""
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def prometheus_binary() -> str:
+    """The system prometheus (Debian's package, which `make test` installs through scripts/apt-need.sh)."""
+    found = shutil.which("prometheus")
+    if not found:
+        raise HarnessError(
+            "prometheus is not on PATH: `make test` installs it (scripts/apt-need.sh promtool:prometheus)"
+        )
+    return found
+
+
+def bcrypt_hash(password: str) -> str:
+    """A bcrypt hash, as Prometheus's --web.config.file wants for basic_auth_users. From libcrypt through the crypt
+    module (deprecated, gone in Python 3.13: then the bcrypt wheel); cost 4, as this is a throwaway password."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+
+    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))  # noqa: S324  (bcrypt: what Prometheus takes)
+
+
+class Prometheus:
+    """A real Prometheus on a free loopback port with its own storage: `config` is prometheus.yml as a mapping;
+    with `users` (name -> password) its HTTP endpoints, /metrics included, demand basic auth."""
+
+    def __init__(self, workdir: Path, config: dict, users: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dir = workdir / f"prometheus-{self.port}"
+        self.config = config
+        self.users = users or {}
+        # The API's own credentials: the first user's, if any.
+        self.auth = next(iter(self.users.items()), None)
+        self.log = self.dir / "prometheus.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> "Prometheus":
+        """Write the config files, start, and wait until /-/ready says the rules and storage are loaded."""
+        self.dir.mkdir(parents=True)
+        # JSON is YAML: no YAML writer needed for the config Prometheus reads.
+        (self.dir / "prometheus.yml").write_text(json.dumps(self.config))
+        args = [
+            prometheus_binary(),
+            f"--config.file={self.dir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={self.dir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
+        if self.users:
+            web = {"basic_auth_users": {name: bcrypt_hash(password) for name, password in self.users.items()}}
+            (self.dir / "web.yml").write_text(json.dumps(web))
+            args.append(f"--web.config.file={self.dir / 'web.yml'}")
+        self.proc = spawn(args, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise HarnessError(f"prometheus exited with status {self.proc.returncode}:\n{self.tail()}")
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(self.url + "/-/ready", auth=self.auth, timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.1)
+        raise HarnessError(f"prometheus not ready on {self.url} within {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        """The end of Prometheus's log, for error messages."""
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+    def api(self, path: str, **params) -> dict:
+        """GET /api/v1/<path>: the whole JSON answer (status, data or errorType/error), whatever the HTTP status."""
+        return requests.get(f"{self.url}/api/v1/{path}", params=params, auth=self.auth, timeout=10).json()
+
+    def query(self, expr: str) -> list[dict]:
+        """An instant query's result vector; HarnessError if Prometheus rejects the expression."""
+        answer = self.api("query", query=expr)
+        if answer["status"] != "success":
+            raise HarnessError(f"prometheus rejected {expr!r}: {answer.get('error')}")
+        return answer["data"]["result"]
+
+    def await_query(self, expr: str, timeout: float = 30) -> list[dict]:
+        """The query's result once it is non-empty, polled until timeout (scrapes and rule evaluation take a
+        scrape or evaluation interval to show); [] if it never is."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.query(expr)
+            if result or time.monotonic() > deadline:
+                return result
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """SIGTERM: Prometheus's clean shutdown (it flushes the head block), SIGKILL if it lingers."""
+        if self.proc:
+            stop(self.proc, signal.SIGTERM)
+
+
+def shipped_jobs() -> list[dict]:
+    """The shipped prometheus.yml's Sibyl jobs: the basic-auth one, then the METRICS_BIND one its comments hold
+    (YAML lines commented out as `# - ...` or `#   ...`; prose comments start with a word)."""
+    text = (DEPLOY / "prometheus.yml").read_text()
+    return yaml.safe_load(re.sub(r"^(\s*)# (?=[-\s])", r"\1", text, flags=re.M))["scrape_configs"]
+
+
+def sibyl_prometheus_config(jobs: list[dict], targets: list[str], password_file: Path, interval: str = "1s") -> dict:
+    """The shipped prometheus.yml with these jobs pointed at targets, the basic-auth ones reading password_file;
+    scraping and evaluating the shipped rules (by absolute path) every `interval`."""
+    shipped = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    pointed = []
+    for job in map(copy.deepcopy, jobs):
+        job["static_configs"] = [{"targets": targets}]
+        if "basic_auth" in job:
+            job["basic_auth"]["password_file"] = str(password_file)
+        pointed.append(job)
+    return {
+        **shipped,
+        "global": {**shipped["global"], "scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(DEPLOY / name) for name in shipped["rule_files"]],
+        "scrape_configs": pointed,
+    }
