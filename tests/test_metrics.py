@@ -297,22 +297,35 @@ def merge(*counts: dict[tuple, int]) -> dict[tuple, int]:
     return total
 
 
+def exited_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def answered_by(server, offset: int) -> set[int]:
     """The worker pids that wrote request lines since a byte offset of the server's stdout."""
     return {line["pid"] for line in server.request_lines(offset)}
 
 
-def test_live_counts_add_up_across_workers_and_a_killed_worker(live_server, redis_url, make_model_dir):
+# SIGKILL: a crashed worker. SIGTERM: a worker leaving on its own, as max_requests recycling makes it.
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "recycled"])
+def test_live_counts_add_up_across_workers_and_a_replaced_worker(live_server, redis_url, make_model_dir, sig):
     """Two workers each serve part of known traffic; the scrape's counts are exactly what was sent. After one
-    worker is killed and replaced, nothing is lost, the exit is counted, the dead pid's live gauges are gone, and
+    worker exits and is replaced, nothing is lost, the exit is counted, the dead pid's live gauges are gone, and
     new traffic adds on."""
     root = make_model_dir({"iris": ["1"], "tiny": ["9"]})
     env = {"MODEL_PATH": "", "MODEL_DIR": str(root), "DEFAULT_MODEL": "iris", "REDIS_URL": redis_url}
     env["INFERENCE_BACKEND"] = "sklearn"  # no ONNX compile at startup: the test is about counting
+    # A folder a killed master left behind (its pid no longer exists): the next master removes it.
+    stale = Path("/dev/shm") / f"sibyl-metrics-{exited_pid()}-left"
+    stale.mkdir()
     server = live_server(env=env, workers=2)
     master = server.proc.pid
     folders = list(Path("/dev/shm").glob(f"sibyl-metrics-{master}-*"))
     assert len(folders) == 1 and stat.S_IMODE(folders[0].stat().st_mode) == 0o700
+    assert not stale.exists()
     versions = {"iris": "1", "tiny": "9"}
 
     # A held request pins one worker, so the first batch goes to the other; then the roles swap.
@@ -341,7 +354,7 @@ def test_live_counts_add_up_across_workers_and_a_killed_worker(live_server, redi
     assert all(value(before, "sibyl_process_resident_memory_bytes", pid=pid) > 0 for pid in rss)
 
     victim = workers[0]
-    os.kill(victim, signal.SIGKILL)
+    os.kill(victim, sig)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (victim in server.workers() or len(server.workers()) != 2):
         time.sleep(0.1)
