@@ -90,6 +90,14 @@ def redis_url(raw: object) -> str:
     return raw
 
 
+def metrics_address(raw: object) -> str:
+    """Empty (GET /metrics on the public port, behind auth), or host:port for a listener of its own."""
+    host, sep, port = text(raw).rpartition(":")
+    if raw != "" and not (sep and host and port.isdigit() and 1 <= int(port) <= 65535 and host.strip() == host):
+        raise ValueError("must be empty or host:port, e.g. 127.0.0.1:9100")
+    return raw
+
+
 def apply(name: str, raw: object, parse: Callable) -> object:
     """raw parsed by its rule, or ValueError naming the variable (and its value, unless secret)."""
     try:
@@ -205,3 +213,8 @@ class Config:
     # This many refused logins from one address within AUDIT_WINDOW_SECONDS write one audit line.
     AUDIT_LOGIN_FAILURES = _setting("AUDIT_LOGIN_FAILURES", "10", number(minimum=1))
     AUDIT_WINDOW_SECONDS = _setting("AUDIT_WINDOW_SECONDS", "60", number(float, minimum=1))
+
+    # Empty: GET /metrics on the public port, for users with the admin or metrics role. host:port (e.g.
+    # 127.0.0.1:9100, a private network's address): gunicorn also listens there, /metrics is served there alone and
+    # without auth, and the public port answers 404 for it.
+    METRICS_BIND = _setting("METRICS_BIND", "", metrics_address)

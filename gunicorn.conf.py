@@ -1,15 +1,46 @@
 """gunicorn settings for Sibyl; each value says why it is what it is."""
 
+import glob
 import os
+import shutil
+import tempfile
 
 from gunicorn import util
 
-from config import LOG_LEVELS, choice, from_env, web_concurrency  # config imports no numpy
+from config import LOG_LEVELS, choice, from_env, metrics_address, web_concurrency  # config imports no numpy
 
 # One BLAS/OpenMP thread per worker: workers = cores already uses every core, and these must be set
 # before numpy loads, which preload_app does in this process right after reading this file.
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
+
+
+def metrics_folder() -> str:
+    """A fresh private folder (0700) for the workers' metric files, made once per master: this file is read again
+    on SIGHUP, and the workers forked after it must write where the running master's scrape reads."""
+    current = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    mine = f"sibyl-metrics-{os.getpid()}-"
+    if os.path.basename(current).startswith(mine) and os.path.isdir(current):
+        return current
+    # tmpfs where there is one: every metric update is a store into an mmap of these files.
+    parent = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    # A master that was killed (or `gunicorn --check-config`) never ran on_exit: its folder goes now.
+    for left in glob.glob(os.path.join(parent, "sibyl-metrics-*-*")):
+        pid = os.path.basename(left).split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=mine, dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists (another user's counts as alive: its folder is not ours to remove)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def listen_address(raw: str) -> str:
@@ -28,6 +59,13 @@ def listen_address(raw: str) -> str:
 
 # Loopback by default: put a TLS-terminating proxy in front, or set BIND=0.0.0.0:8000 in a container.
 bind = from_env("BIND", "127.0.0.1:8000", listen_address)
+# METRICS_BIND: a second listener, for GET /metrics alone (the app tells the two apart by the connection's local
+# port). The workers serve both: a scrape costs one request on whichever worker is free, and needs no thread or
+# server of its own in the master.
+if metrics_bind := from_env("METRICS_BIND", "", metrics_address):
+    if metrics_bind.rpartition(":")[2] == bind.rpartition(":")[2]:
+        raise SystemExit(f"sibyl: cannot start: METRICS_BIND={metrics_bind!r} must use another port than BIND")
+    bind = [bind, metrics_bind]
 
 # Prediction is CPU-bound and holds the GIL, so one process per usable core is the throughput sweet spot.
 # Usable, not present: a container limited to 2 CPUs on a 64-core host must not fork 64 workers.
@@ -64,6 +102,12 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 accesslog = None
 errorlog = "-"
 loglevel = from_env("GUNICORN_LOG_LEVEL", "info", choice(*(level.lower() for level in LOG_LEVELS)))
+
+# Prometheus multiprocess mode: prometheus_client picks it when first imported, which preload_app does right after
+# this file is read (before on_starting), so the folder is made here, once every variable above has been checked.
+# Counters and histograms then add up across workers and outlive a recycled one; child_exit below forgets a dead
+# worker's live gauges. Any inherited value is replaced: a folder left by another master would add its counts to ours.
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_folder()
 
 
 def on_starting(server):
@@ -105,6 +149,19 @@ def post_worker_init(worker):
             model.backend.warm()
         # POST /admin/reload signals this pid, and only from a worker of this master.
         worker.wsgi.extensions["sibyl.master_pid"] = worker.ppid
+        worker.wsgi.extensions["sibyl.metrics"].sample_memory()  # this worker's RSS series, before any request
+
+
+def child_exit(server, worker):
+    """In the master, when a worker exits (recycled, killed, stopped): drop its live gauges, count the exit."""
+    from app.metrics import worker_exited
+
+    worker_exited(server.app.wsgi(), worker.pid)
+
+
+def on_exit(server):
+    """Remove the metric files' folder: its counts belong to this master alone."""
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def on_reload(server):

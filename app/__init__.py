@@ -2,7 +2,7 @@
 
 from flask import Flask
 
-from app import auth, errors, request_log
+from app import auth, errors, metrics, request_log
 from app.cache import PredictionCache
 from app.errors import StartupError
 from app.registry import load_registry
@@ -42,4 +42,5 @@ def create_app(config: dict | None = None) -> Flask:
     app.before_request(refuse_encoded_slash)
     for module in (health, native, mlflow, kserve, v2, admin, openapi):
         app.register_blueprint(module.bp)
+    metrics.init_app(app)  # last: it records the models loaded above, and serves /metrics
     return app

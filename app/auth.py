@@ -36,8 +36,12 @@ auth = MultiAuth(basic, bearer)
 DEV_MARKER = "# sibyl development credentials"
 # Compared against when the user is unknown, so unknown user and wrong key take the same time.
 _DUMMY = hashlib.sha256(b"sibyl-no-such-user").digest()
-# Every user may predict; admin adds registry operations and user listing.
-ROLES = ("predict", "admin")
+# Every user may predict; admin adds registry operations and user listing; metrics, reading GET /metrics (a
+# Prometheus scrape key that cannot manage models).
+ROLES = ("predict", "admin", "metrics")
+# What a 403 says each route needs; routes not listed need admin.
+_NEEDS = {"metrics.metrics": ("the admin or metrics role", ":admin or :metrics", "metrics")}
+_NEEDS_ADMIN = ("the admin role", ":admin", "admin")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -66,13 +70,13 @@ def parse_users(text: str, source: str) -> dict[str, User]:
         if len(parts) > 4 or not name or scheme != "sha256" or not _HEX64.fullmatch(digest):
             # Never echo the entry: it may be a password pasted in by mistake.
             raise StartupError(
-                f"{source}: user entries must look like name:sha256:<64 hex digits>[:admin] (run `make user`)"
+                f"{source}: user entries must look like name:sha256:<64 hex digits>[:admin|:metrics] (run `make user`)"
             )
         named = parts[3].split("+") if len(parts) == 4 else []
         for role in named:
             if role not in ROLES:
                 raise StartupError(f"{source}: unknown role {role!r} for user {name}; roles are {', '.join(ROLES)}")
-        roles = tuple(r for r in ROLES if r == "predict" or r in named)  # admin implies predict
+        roles = tuple(r for r in ROLES if r == "predict" or r in named)  # every user may predict
         users[name] = User(bytes.fromhex(digest), roles)
     return users
 
@@ -133,9 +137,10 @@ def user_roles(name: str) -> tuple[str, ...]:
 def auth_error(status: int):
     """401/403 in the one JSON error shape (flask-httpauth adds its scheme's WWW-Authenticate); both are audited."""
     if status == 403:
-        # Every user has predict, so a 403 always means a route that needs admin.
-        audit(request.endpoint, "refused", reason="needs the admin role")
-        message = "This route needs the admin role (a user entry ending in :admin; see create-user --role admin)."
+        # Every user has predict, so a 403 always means a route that needs admin (or, for /metrics, metrics).
+        needs, suffix, role = _NEEDS.get(request.endpoint, _NEEDS_ADMIN)
+        audit(request.endpoint, "refused", reason=f"needs {needs}")
+        message = f"This route needs {needs} (a user entry ending in {suffix}; see create-user --role {role})."
         return error_response(403, "forbidden", message)
     # Only requests that sent credentials count: a browser's first request carries none, and its 401 is what
     # makes the browser ask for them.

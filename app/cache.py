@@ -114,6 +114,11 @@ class PredictionCache:
         return "down" if self._conn.down else "read-only" if self._writes.down else "ok"
 
     @property
+    def breaker_open(self) -> bool:
+        """Whether Redis failed and its back-off is on (requests served uncached): one attribute read, per request."""
+        return self._conn.down
+
+    @property
     def reason(self) -> str:
         """Why the cache is degraded, for the unauthenticated /ready: auth, timeout, down or read-only (the log
         has redis-py's message, which names hosts, ports and socket paths)."""

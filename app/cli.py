@@ -43,13 +43,18 @@ model_dir_option = click.option(
 @click.argument("name")
 @click.option("--file", "users_file", type=click.Path(dir_okay=False), help="Append the entry to this users file.")
 @click.option("--dev", is_flag=True, help="Mark the file as development-only (SIBYL_ENV=production refuses it).")
-@click.option("--role", type=click.Choice(ROLES), default="predict", help="admin may also manage models and users.")
+@click.option(
+    "--role",
+    type=click.Choice(ROLES),
+    default="predict",
+    help="admin may also manage models and users; metrics may read GET /metrics.",
+)
 def create_user(name: str, users_file: str | None, dev: bool, role: str) -> None:
     """Create a user with a random API key; print the key once and the line to put in the config."""
     if ":" in name or "," in name or not name.strip():
         raise click.BadParameter("a user name may not be empty or contain ':' or ','", param_hint="NAME")
     key, digest = new_api_key()
-    entry = f"{name}:sha256:{digest}" + (":admin" if role == "admin" else "")
+    entry = f"{name}:sha256:{digest}" + ("" if role == "predict" else f":{role}")
     if users_file:
         path = Path(users_file)
         path.parent.mkdir(parents=True, exist_ok=True)

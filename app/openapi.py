@@ -21,6 +21,8 @@ PUBLIC = frozenset({"health.health", "health.ready", "openapi.spec", "openapi.do
 # The version of this API's contract (info.version); a protocol that reports a version reports this one.
 API_VERSION = "1"
 _ADMIN_PREFIX = "admin."
+# Routes that need a role beyond predict, besides the admin ones.
+_ROLE_ENDPOINTS = frozenset({"metrics.metrics"})
 # Endpoints that serve files, not API operations.
 _NOT_OPERATIONS = frozenset({"static"})
 _METHODS = ("get", "post", "put", "patch", "delete")
@@ -30,7 +32,7 @@ _PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 _ERRORS = {
     400: "The request is malformed or does not fit the model (the message says how to fix it).",
     401: "No valid credentials: HTTP basic auth (user:key) or Authorization: Bearer <key>.",
-    403: "The route needs the admin role.",
+    403: "The route needs the admin role (GET /metrics: the admin or metrics role).",
     404: "No such model or version (the message lists what is served).",
     409: "The rollout was refused: this is not a gunicorn worker, or the models on disk would not load.",
     413: "The body is larger than MAX_BODY_BYTES, or holds more than MAX_ROWS rows.",
@@ -43,8 +45,10 @@ _ERRORS = {
 
 
 def operation_endpoints(app: Flask) -> list:
-    """The url_map rules the document describes: every route but the static files."""
-    return [rule for rule in app.url_map.iter_rules() if rule.endpoint not in _NOT_OPERATIONS]
+    """The url_map rules the document describes: every route but the static files (and /metrics when METRICS_BIND
+    serves it on a private listener: the public port, where this document is, answers 404 for it)."""
+    hidden = _NOT_OPERATIONS | ({"metrics.metrics"} if app.config["METRICS_BIND"] else set())
+    return [rule for rule in app.url_map.iter_rules() if rule.endpoint not in hidden]
 
 
 @bp.get("/openapi.json")
@@ -129,7 +133,7 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
     if endpoint not in PUBLIC and endpoint not in getattr(protocol, "PUBLIC", ()):
         op["security"] = [{"basic": []}, {"bearer": []}]
         statuses.append(401)
-    if endpoint.startswith(_ADMIN_PREFIX):
+    if endpoint.startswith(_ADMIN_PREFIX) or endpoint in _ROLE_ENDPOINTS:
         statuses.append(403)
     if rule.arguments:
         statuses += [404, 503] if "version" in rule.arguments else [404]
@@ -140,6 +144,8 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
     ok: dict = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     if endpoint == "openapi.docs":
         ok = {"description": "Swagger UI", "content": {"text/html": {"schema": {"type": "string"}}}}
+    if endpoint == "metrics.metrics":
+        ok = {"description": "Prometheus text format 0.0.4", "content": {"text/plain": {"schema": {"type": "string"}}}}
     parts = protocol.openapi_operation(endpoint, method, registry, app.config) if protocol else None
     if parts:
         ok = parts.get("ok", ok)

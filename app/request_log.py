@@ -108,6 +108,8 @@ def init_app(app: Flask) -> None:
     # JSON request lines skip the LogRecord (caller lookup, thread and process names, handler dispatch):
     # the same line for a third of the cost, on every request. Text lines are for people; they take the long way.
     direct = isinstance(handler.formatter, JsonFormatter)
+    # Created by metrics.init_app later in create_app; looked up per request, as the app is built after this.
+    extensions = app.extensions
 
     @app.before_request
     def _start() -> None:
@@ -119,6 +121,9 @@ def init_app(app: Flask) -> None:
     @app.after_request
     def _finish(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.request_id
+        now = perf_counter()
+        duration = now - g.start  # the one timing: the log line and the latency histogram share it
+        extensions["sibyl.metrics"].request_done(response.status_code, duration, now, extensions["sibyl.cache"])
         if not enabled:  # LOG_LEVEL=WARNING: don't build a line nobody will write
             return response
         fields = {
@@ -129,7 +134,7 @@ def init_app(app: Flask) -> None:
             "method": request.method,
             "path": request.path,
             "status": response.status_code,
-            "duration_ms": round((perf_counter() - g.start) * 1000, 3),
+            "duration_ms": round(duration * 1000, 3),
             **g.log,
         }
         if debug and "timings" in g:

@@ -33,6 +33,7 @@ def reload_registry(app: Flask) -> tuple[bool, str]:
         return False, reason
     new.generation = old.generation + 1
     app.extensions["sibyl.registry"] = new
+    app.extensions["sibyl.metrics"].models_served(new, retired=old)
     changed = changes(old, new)
     audit(ACTION, "ok", step="load", generation=new.generation, loaded_at=new.loaded_at, models=changed)
     return True, f"generation {new.generation}: {summary(changed)}"

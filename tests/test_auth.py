@@ -112,17 +112,19 @@ def test_create_user_refuses_separator_in_name():
 
 
 DIGEST = "ab" * 32
-SHAPE = "must look like name:sha256:<64 hex digits>[:admin]"
+SHAPE = "must look like name:sha256:<64 hex digits>[:admin|:metrics]"
 
 
 @pytest.mark.parametrize(
     "entry, roles",
     [(f"bob:sha256:{DIGEST}", ("predict",)), (f"bob:sha256:{DIGEST}:predict", ("predict",)),
      (f"bob:sha256:{DIGEST}:admin", ("predict", "admin")), (f"bob:sha256:{DIGEST}:admin+predict", ("predict", "admin")),
-     (f"bob:sha256:{DIGEST.upper()}:admin", ("predict", "admin"))],
+     (f"bob:sha256:{DIGEST.upper()}:admin", ("predict", "admin")),
+     (f"bob:sha256:{DIGEST}:metrics", ("predict", "metrics")),
+     (f"bob:sha256:{DIGEST}:metrics+admin", ("predict", "admin", "metrics"))],
 )  # fmt: skip
 def test_user_entry_roles(entry, roles):
-    """Every user may predict; `:admin` adds admin, in any combination with predict."""
+    """Every user may predict; `:admin` adds admin and `:metrics` adds metrics, in any combination."""
     (user,) = parse_users(entry, "SIBYL_USERS").values()
     assert user.roles == roles and user.digest == bytes.fromhex(DIGEST)
 

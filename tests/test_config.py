@@ -25,6 +25,8 @@ BAD = [
     ("CACHE_SCOPE", "team", "must be one of shared, user"),
     ("CACHE_ENABLED", "nah", "must be true or false (a bool, or 1/0, true/false, yes/no, on/off)"),
     ("MODEL_SHA256", "abc123", "must be empty or 64 hex digits (a sha256)"),
+    ("METRICS_BIND", "9100", "must be empty or host:port, e.g. 127.0.0.1:9100"),
+    ("METRICS_BIND", "127.0.0.1:99999", "must be empty or host:port, e.g. 127.0.0.1:9100"),
 ]
 REDIS_URL_RULE = "REDIS_URL must be a redis://, rediss:// or unix:// URL with a valid port and options"
 # Malformed URLs, each carrying a password that must never reach the log.

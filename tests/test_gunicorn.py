@@ -22,6 +22,8 @@ from conftest import ROOT, USERS, LiveServer, basic_auth
         ("BIND", "127.0.0.1:99999", "must be host:port, [ipv6]:port, unix:/path or fd://N"),
         ("BIND", "fd://three", "must be host:port, [ipv6]:port, unix:/path or fd://N"),
         ("LOG_LEVEL", "verbose", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),  # Sibyl's own, too
+        ("METRICS_BIND", "localhost", "must be empty or host:port, e.g. 127.0.0.1:9100"),
+        ("METRICS_BIND", "127.0.0.1:8000", "must use another port than BIND"),  # BIND's default port
     ],
 )
 def test_bad_gunicorn_variable_stops_with_one_line(tmp_path, name, value, why):

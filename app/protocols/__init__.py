@@ -2,7 +2,7 @@
 
 Each protocol owns a blueprint and renders its errors on it with errors.register_handlers(bp, shape), so an MLflow
 client gets MLflow's error shape, auth's 401 included. Everything else a protocol needs is here, once: reading the
-body, and run(), which calls the one pipeline and logs what it did."""
+body, and run(), which calls the one pipeline and logs and counts what it did."""
 
 import zlib
 
@@ -127,6 +127,7 @@ def run(model: Model, X: np.ndarray, proba: bool) -> Prediction:
     result = pipeline.predict(model, X, proba, cache, lookup=lookup, store=store, user=auth.current_user())
     g.log.update(rows=len(X), cache=result.cache, cache_hits=result.hits)
     g.timings = result.timings
+    current_app.extensions["sibyl.metrics"].prediction(result, len(X), cache)
     return result
 
 
