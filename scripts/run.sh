@@ -26,11 +26,12 @@ if ! flock -n 9; then
 fi
 echo "pid $$, http://$BIND" > "$STATE/run.pid"
 
-# Credentials: unless users are configured, make a local, git-ignored demo user with a random key.
+# Credentials: unless users are configured, make a local, git-ignored demo user with a random key. It has the
+# metrics role too, so the README's curl of /metrics works as printed.
 if [[ -z "${SIBYL_USERS:-}${SIBYL_USERS_FILE:-}" ]]; then
   if [[ ! -s "$STATE/demo-key" || ! -s "$STATE/users" ]]; then
     rm -f "$STATE/users"
-    $PY -m app.cli create-user demo --file "$STATE/users" --dev | awk '/^key:/ {print $2}' > "$STATE/demo-key"
+    $PY -m app.cli create-user demo --role metrics --file "$STATE/users" --dev | awk '/^key:/ {print $2}' > "$STATE/demo-key"
     chmod 600 "$STATE/demo-key"
   fi
   export SIBYL_USERS_FILE="$STATE/users"

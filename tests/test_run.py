@@ -93,6 +93,10 @@ def test_make_run_prints_a_working_curl_for_the_served_model(run_env, tmp_path, 
         answer = subprocess.run(["bash", "-c", command.replace("\\\n", " ")], capture_output=True, timeout=30)
         body = orjson.loads(answer.stdout)
         assert body["model"] == {"name": "prices", "version": "1"} and len(body["predictions"]) == 1
+        # The demo user scrapes /metrics too: the README's curl of it works as printed.
+        scrape = command.split(" -X POST")[0] + " " + command.rsplit(" ", 1)[1].replace("/predict", "/metrics")
+        metrics = subprocess.run(["bash", "-c", scrape], capture_output=True, text=True, timeout=30)
+        assert 'sibyl_rows_predicted_total{model="prices",version="1"} 1.0' in metrics.stdout
     finally:
         assert run.interrupt() in (0, 130, -signal.SIGINT)
 
