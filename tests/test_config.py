@@ -25,6 +25,9 @@ BAD = [
     ("CACHE_SCOPE", "team", "must be one of shared, user"),
     ("CACHE_ENABLED", "nah", "must be true or false (a bool, or 1/0, true/false, yes/no, on/off)"),
     ("MODEL_SHA256", "abc123", "must be empty or 64 hex digits (a sha256)"),
+    ("FEEDBACK_TTL", "-1", "must be a whole number >= 0"),
+    ("FEEDBACK_WINDOW", "0", "must be a whole number >= 1"),
+    ("DRIFT_WINDOW", "ten", "must be a whole number >= 0"),
 ]
 REDIS_URL_RULE = "REDIS_URL must be a redis://, rediss:// or unix:// URL with a valid port and options"
 # Malformed URLs, each carrying a password that must never reach the log.
