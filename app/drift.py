@@ -4,6 +4,7 @@
 import itertools
 import logging
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,10 @@ EPSILON = 1e-4
 # A worker reports a window's PSI only once it holds this many rows (or DRIFT_WINDOW, if smaller): PSI over a
 # handful of rows is noise, and a worker that has just started must not fire the alert.
 MIN_ROWS = 100
+# The gauges are recomputed once this share of the window has arrived, not on every request: for a one-row request,
+# PSI and the gauge writes cost about as much as the counting (20 us measured), and a score staler by 1% of the
+# window changes no alert.
+REPORT_SHARE = 0.01
 
 # The worst worker alerts: each worker has its own window, and a drifted slice of traffic may reach only some.
 FEATURE_PSI = Gauge(
@@ -137,6 +142,13 @@ class Window:
         self.size = size
         self.min_rows = min(size, MIN_ROWS)
         self.edges = [np.asarray(f["edges"], dtype=np.float64) for f in ref["features"]]
+        # Every feature's cut points in one (features, most cut points) matrix, padded with +inf (which no finite
+        # value reaches): a row's bins are then one comparison and one sum for all features, where a searchsorted
+        # per feature costs a numpy call each (2 us apiece, most of a one-row request's update).
+        cuts = max(len(e) for e in self.edges)
+        self.edge_matrix = np.full((len(self.edges), cuts), np.inf)
+        for j, edges in enumerate(self.edges):
+            self.edge_matrix[j, : len(edges)] = edges
         predictions = ref["predictions"]
         if model.classes is not None:
             self.classes = np.asarray(model.classes)  # scikit-learn keeps classes_ sorted: searchsorted finds each
@@ -157,9 +169,12 @@ class Window:
         self.ring = np.zeros((size, len(columns)), dtype=np.int32)
         self.counts = np.zeros(len(columns) * self.width, dtype=np.int64)
         self.rows = 0  # rows seen, ever: the ring's next slot is rows % size
+        self.report_every = max(1, int(size * REPORT_SHARE))
+        self.unreported = 0  # rows since the gauges were last set
         self.columns = len(columns)
         self.labels = (model.name, model.version, [f["name"] for f in ref["features"]])
         self.gauges: list = []  # made at the first report: a series exists only once it means something
+        self._lock = threading.Lock()  # gthread workers: two requests must not interleave a ring update
 
     def observe(self, X: np.ndarray, predictions: list) -> None:
         """Add a batch of rows and their answers to the window, dropping the oldest, and update the gauges."""
@@ -167,13 +182,19 @@ class Window:
             X, predictions = X[-self.size :], predictions[-self.size :]
         k = len(X)
         binned = np.empty((k, self.columns), dtype=np.int32)
-        for j, edges in enumerate(self.edges):
-            binned[:, j] = np.searchsorted(edges, X[:, j], side="right")
+        # A value's bin is how many cut points are <= it, as searchsorted(side="right") counts them.
+        binned[:, :-1] = (X[:, :, None] >= self.edge_matrix).sum(axis=2)
         if self.classes is not None:
             binned[:, -1] = np.searchsorted(self.classes, np.asarray(predictions))
         else:
             binned[:, -1] = np.searchsorted(self.pred_edges, np.asarray(predictions, dtype=np.float64), side="right")
         binned += self.offsets
+        with self._lock:
+            self._push(binned)
+
+    def _push(self, binned: np.ndarray) -> None:
+        """Put binned rows in the ring over the oldest, keep the counts its rows' bins, and report when due."""
+        k = len(binned)
         place = self.rows + np.arange(k)
         slots = place % self.size
         length = self.counts.size
@@ -183,7 +204,9 @@ class Window:
         self.ring[slots] = binned
         self.counts += np.bincount(binned.ravel(), minlength=length)
         self.rows += k
-        if self.held >= self.min_rows:
+        self.unreported += k
+        if self.held >= self.min_rows and self.unreported >= self.report_every:
+            self.unreported = 0
             if not self.gauges:
                 name, version, features = self.labels
                 self.gauges = [FEATURE_PSI.labels(name, version, f) for f in features]
