@@ -142,13 +142,6 @@ class Window:
         self.size = size
         self.min_rows = min(size, MIN_ROWS)
         self.edges = [np.asarray(f["edges"], dtype=np.float64) for f in ref["features"]]
-        # Every feature's cut points in one (features, most cut points) matrix, padded with +inf (which no finite
-        # value reaches): a row's bins are then one comparison and one sum for all features, where a searchsorted
-        # per feature costs a numpy call each (2 us apiece, most of a one-row request's update).
-        cuts = max(len(e) for e in self.edges)
-        self.edge_matrix = np.full((len(self.edges), cuts), np.inf)
-        for j, edges in enumerate(self.edges):
-            self.edge_matrix[j, : len(edges)] = edges
         predictions = ref["predictions"]
         if model.classes is not None:
             self.classes = np.asarray(model.classes)  # scikit-learn keeps classes_ sorted: searchsorted finds each
@@ -182,8 +175,10 @@ class Window:
             X, predictions = X[-self.size :], predictions[-self.size :]
         k = len(X)
         binned = np.empty((k, self.columns), dtype=np.int32)
-        # A value's bin is how many cut points are <= it, as searchsorted(side="right") counts them.
-        binned[:, :-1] = (X[:, :, None] >= self.edge_matrix).sum(axis=2)
+        # One searchsorted per feature: one comparison of every row with every cut point saves 3 us on a one-row
+        # request but costs 3x as much on a 1000-row one (measured).
+        for j, edges in enumerate(self.edges):
+            binned[:, j] = np.searchsorted(edges, X[:, j], side="right")
         if self.classes is not None:
             binned[:, -1] = np.searchsorted(self.classes, np.asarray(predictions))
         else:
