@@ -207,6 +207,14 @@ class Config:
     # After a Redis failure, skip the cache this long before probing again.
     CACHE_RETRY_SECONDS = _setting("CACHE_RETRY_SECONDS", "5", number(float))
 
+    # Monitoring. Each answer's predictions are kept in Redis (REDIS_URL) this many seconds, so POST /feedback can
+    # join the true labels or values by request id; 0 keeps nothing (one more Redis write per request when on).
+    FEEDBACK_TTL = _setting("FEEDBACK_TTL", "0", number())
+    # Accuracy (classifiers) or MAE and RMSE (regressors) are over each version's last this many feedback rows.
+    FEEDBACK_WINDOW = _setting("FEEDBACK_WINDOW", "1000", number(minimum=1))
+    # Drift PSI is over each worker's last this many rows per model version; 0 turns drift metrics off.
+    DRIFT_WINDOW = _setting("DRIFT_WINDOW", "1000", number())
+
     # One JSON line per request on stdout; "text" is for reading by eye.
     LOG_LEVEL = _setting("LOG_LEVEL", "INFO", choice(*LOG_LEVELS))
     LOG_FORMAT = _setting("LOG_FORMAT", "json", choice("json", "text"))

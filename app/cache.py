@@ -245,6 +245,22 @@ class PredictionCache:
         self._succeeded(self._conn)
         self._succeeded(self._writes)
 
+    def attempt(self, command: Callable[[redis.Redis], object]) -> tuple[bool, object]:
+        """Run command(client) under this cache's breakers, for the other users of its Redis (feedback): (True, its
+        result), or (False, None) when Redis can't be used now or the command failed, which only opens a breaker."""
+        if not self.usable():
+            return False, None
+        try:
+            result = command(self._redis())
+        except redis.ResponseError as e:  # Redis answered, but refused (OOM, READONLY)
+            self._failed(self._writes, e)
+            return False, None
+        except (redis.RedisError, OSError) as e:
+            self._failed(self._conn, e)
+            return False, None
+        self._succeeded(self._conn)
+        return True, result
+
     def round_trip(self, probes: int = 15) -> float | None:
         """Seconds one Redis round trip takes here (the median PING), or None when Redis can't be used now."""
         times = []

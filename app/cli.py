@@ -1,13 +1,16 @@
 """Operator commands, run with no app (so no users or model needed): `python -m app.cli create-user NAME` etc."""
 
+import csv
 import json
 import os
 import shlex
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import click
+import numpy as np
 from flask import Flask
 
 from app.artifacts import ModelError, artifact_kind, open_artifact, parse_trusted_types, refuse_world_writable
@@ -72,6 +75,12 @@ def create_user(name: str, users_file: str | None, dev: bool, role: str) -> None
 @click.option("--version", "version", help="Model version (needed with --name; beside ARTIFACT the default is 1).")
 @click.option("--alias", "aliases", multiple=True, help="Point this alias at the new version (repeatable).")
 @click.option("--features", help="Comma-separated feature names, if the model wasn't fitted on a DataFrame.")
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Training data for drift monitoring: a .csv with a header row (feature names) or a 2-D .npy.",
+)
+@click.option("--target", help="The reference's target column: a header name (.csv) or a column number (.npy).")
 @model_dir_option
 def register(
     artifact: str,
@@ -79,6 +88,8 @@ def register(
     version: str | None,
     aliases: tuple[str, ...],
     features: str | None,
+    reference: str | None,
+    target: str | None,
     model_dir: str | None,
 ) -> None:
     """Check a model you trust as startup would, then copy it into MODEL_DIR/NAME/VERSION/ with its metadata."""
@@ -86,24 +97,102 @@ def register(
     names = [f.strip() for f in features.split(",")] if features else None
     trusted = parse_trusted_types(Config.SKOPS_TRUSTED_TYPES)
     placed = _placed(Path(model_dir or Config.MODEL_DIR), path)  # before _root: a loose artifact needs no MODEL_DIR
+    if target is not None and reference is None:
+        raise click.UsageError("--target names a column of --reference; give both")
     try:
+        data = read_reference(Path(reference), target) if reference else None
         if placed is None and name is None:
-            _register_beside(path, version or "1", aliases, names, trusted)
+            _register_beside(path, version or "1", aliases, names, trusted, data)
         else:
-            _register_in(_root(model_dir), path, placed, name, version, aliases, names, trusted)
+            _register_in(_root(model_dir), path, placed, name, version, aliases, names, trusted, data)
     except (StartupError, OSError) as e:
         raise click.ClickException(str(e)) from None
 
 
+def read_reference(path: Path, target: str | None) -> "Reference":
+    """Training rows (and the target column, when named) from a .csv with a header row or a 2-D .npy; for a CSV,
+    the header names the columns, which are matched to the model's feature names when it has them."""
+    if path.suffix.lower() == ".npy":
+        array = np.load(path, allow_pickle=False)
+        if array.ndim != 2:
+            raise StartupError(f"reference {path} must hold a 2-D array (rows x columns)")
+        if target is None:
+            return Reference(None, array, None)
+        try:
+            column = int(target)
+            y = array[:, column]
+        except (ValueError, IndexError):
+            shown = f"--target {target!r} must be a column number of {path} ({array.shape[1]} columns)"
+            raise StartupError(shown) from None
+        return Reference(None, np.delete(array, column, axis=1), y)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise StartupError(f"reference {path} must be a CSV with a header row and at least one data row")
+    header, body = [h.strip() for h in rows[0]], rows[1:]
+    if target is not None and target not in header:
+        raise StartupError(f"--target {target!r} is not a column of {path} (columns: {', '.join(header)})")
+    if any(len(row) != len(header) for row in body):
+        raise StartupError(f"reference {path}: every row must have as many values as the header ({len(header)})")
+    keep = [i for i, h in enumerate(header) if h != target]
+    try:
+        X = np.array([[float(row[i]) for i in keep] for row in body])
+    except ValueError:
+        raise StartupError(f"reference {path}: feature columns must hold numbers") from None
+    y = np.array([row[header.index(target)].strip() for row in body]) if target is not None else None
+    return Reference([header[i] for i in keep], X, y)
+
+
+class Reference(NamedTuple):
+    """Training data for a model's reference statistics: column names (CSV), feature rows, the target or None."""
+
+    columns: list[str] | None
+    X: np.ndarray
+    y: np.ndarray | None
+
+    def for_model(self, estimator: object, names: list[str] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows in the model's feature order, and the target in its class labels' types."""
+        X = self.X
+        fitted = getattr(estimator, "feature_names_in_", None)
+        wanted = names or (None if fitted is None else [str(n) for n in fitted])
+        if self.columns is not None and wanted is not None:
+            missing = [n for n in wanted if n not in self.columns]
+            if missing:
+                raise ModelError(f"the reference has no column {missing[0]!r} (columns: {', '.join(self.columns)})")
+            X = X[:, [self.columns.index(n) for n in wanted]]
+        y = self.y
+        classes = getattr(estimator, "classes_", None)
+        if y is not None and classes is not None:
+            by_text = {str(c): c for c in np.asarray(classes).tolist()}
+            y = np.array([by_text.get(str(v), str(v)) for v in y.tolist()], dtype=object)
+        elif y is not None:
+            try:
+                y = y.astype(np.float64)
+            except ValueError:
+                raise ModelError("the reference's target must hold numbers for a regressor") from None
+        return X, y
+
+
+def _reference(estimator: object, names: list[str] | None, data: Reference | None) -> tuple | None:
+    """write_metadata's reference argument from the data read, or None."""
+    return data.for_model(estimator, names) if data is not None else None
+
+
 def _register_beside(
-    path: Path, version: str, aliases: tuple[str, ...], names: list[str] | None, trusted: list[str]
+    path: Path,
+    version: str,
+    aliases: tuple[str, ...],
+    names: list[str] | None,
+    trusted: list[str],
+    data: Reference | None = None,
 ) -> None:
     """Write the metadata beside a loose artifact, named after the file, for MODEL_PATH (the command before
     MODEL_DIR)."""
     if aliases:
         raise click.ClickException("--alias needs --name: aliases live in MODEL_DIR/NAME/manifest.json")
     # Opening a .joblib runs code: this is the one place Sibyl opens an unverified artifact, at your request.
-    meta = write_metadata(open_artifact(path, trusted), path, path.stem, version, names)
+    estimator = open_artifact(path, trusted)
+    meta = write_metadata(estimator, path, path.stem, version, names, reference=_reference(estimator, names, data))
     click.echo(f"wrote {metadata_path(path)}: {meta['name']} {meta['version']}, {meta['n_features']} features")
     click.echo(f"serve it with: MODEL_PATH={path} make run")
 
@@ -117,6 +206,7 @@ def _register_in(
     aliases: tuple[str, ...],
     names: list[str] | None,
     trusted: list[str],
+    data: Reference | None = None,
 ) -> None:
     """Register into MODEL_DIR: copy the artifact into NAME/VERSION/, or, if it already sits there, write its
     metadata beside it; then move the aliases to it."""
@@ -139,9 +229,10 @@ def _register_in(
         manifest["aliases"] = {**manifest.get("aliases", {}), **dict.fromkeys(aliases, version)}
     default = check_manifest(manifest, folder / MANIFEST, versions)["default"]
     if placed is None:
-        meta = _copy_in(path, root, name, version, names, trusted)
+        meta = _copy_in(path, root, name, version, names, trusted, data)
     else:
-        meta = write_metadata(open_artifact(path, trusted), path, name, version, names)
+        estimator = open_artifact(path, trusted)
+        meta = write_metadata(estimator, path, name, version, names, reference=_reference(estimator, names, data))
     try:
         if aliases:
             write_manifest(folder / MANIFEST, manifest, versions)
@@ -154,7 +245,15 @@ def _register_in(
     )
 
 
-def _copy_in(path: Path, root: Path, name: str, version: str, names: list[str] | None, trusted: list[str]) -> dict:
+def _copy_in(
+    path: Path,
+    root: Path,
+    name: str,
+    version: str,
+    names: list[str] | None,
+    trusted: list[str],
+    data: Reference | None = None,
+) -> dict:
     """Copy an artifact into root/name/version/ with its metadata, checked as startup would; the folder appears
     whole or not at all. Return the metadata."""
     kind = artifact_kind(path)
@@ -171,7 +270,9 @@ def _copy_in(path: Path, root: Path, name: str, version: str, names: list[str] |
             made.chmod(mode)
         try:
             # The copy is what gets checked and hashed: the bytes that will be served, whatever the source does next.
-            meta = write_metadata(open_artifact(copy, trusted), copy, name, version, names)
+            estimator = open_artifact(copy, trusted)
+            reference = _reference(estimator, names, data)
+            meta = write_metadata(estimator, copy, name, version, names, reference=reference)
         except ModelError as e:
             raise ModelError(str(e).replace(str(copy), str(path))) from None
         if (root / name).is_dir():

@@ -5,7 +5,15 @@ from pathlib import Path
 from time import perf_counter
 
 from flask import Blueprint, Flask, Response, current_app, g, request
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from werkzeug.exceptions import NotFound
@@ -180,10 +188,20 @@ class Metrics:
         """The metrics in Prometheus text format: the workers' files summed, or this process's own values."""
         path = multiprocess_dir()
         if path is None:
-            return Response(generate_latest(self.registry), content_type=CONTENT_TYPE)
+            body = generate_latest(self.registry) + generate_latest(_DeclaredElsewhere())
+            return Response(body, content_type=CONTENT_TYPE)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=path)
         return Response(generate_latest(registry), content_type=CONTENT_TYPE)
+
+
+class _DeclaredElsewhere:
+    """The sibyl_* metrics other modules (drift, feedback) declare on prometheus_client's default registry: in one
+    process they live there; under gunicorn they reach the workers' files like every other metric."""
+
+    def collect(self):
+        """The default registry's sibyl_* families (not its process and GC collectors)."""
+        return [family for family in REGISTRY.collect() if family.name.startswith("sibyl_")]
 
 
 def _info_labels(model) -> tuple[str, ...]:

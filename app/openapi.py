@@ -34,7 +34,9 @@ _ERRORS = {
     401: "No valid credentials: HTTP basic auth (user:key) or Authorization: Bearer <key>.",
     403: "The route needs the admin role (GET /metrics: the admin or metrics role).",
     404: "No such model or version (the message lists what is served).",
-    409: "The rollout was refused: this is not a gunicorn worker, or the models on disk would not load.",
+    409: "A conflict: the rollout was refused (this is not a gunicorn worker, or the models on disk would not load), "
+    "or feedback for that request was already received.",
+    410: "The request's predictions were kept for FEEDBACK_TTL seconds and have expired.",
     413: "The body is larger than MAX_BODY_BYTES, or holds more than MAX_ROWS rows.",
     415: "The body is not of a media type the route takes, or its Content-Encoding is neither gzip nor deflate.",
     422: "The rows fit the schema, but the model's answer for one is not a finite number (NaN or infinity): its "
@@ -161,8 +163,12 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
 
 
 def _protocol(endpoint: str):
-    """The protocol module (app.protocols.<blueprint>) that serves an endpoint, if it is one."""
-    return sys.modules.get(f"app.protocols.{endpoint.split('.')[0]}")
+    """The module that describes an endpoint's operation: its protocol (app.protocols.<blueprint>), or an app module
+    (app.<blueprint>, e.g. feedback) that has an openapi_operation hook."""
+    blueprint = endpoint.split(".")[0]
+    module = sys.modules.get(f"app.protocols.{blueprint}")
+    hooked = sys.modules.get(f"app.{blueprint}")
+    return module if module is not None or not hasattr(hooked, "openapi_operation") else hooked
 
 
 def _error_key(shape: str, status: int) -> str:

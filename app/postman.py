@@ -75,16 +75,18 @@ def _requests(doc: dict, path: str, method: str, op: dict) -> list[dict]:
         # An admin action that changes the server (POST /admin/reload replaces every worker): a collection run must
         # not roll out, so it checks the refusal a predict key gets; set this request's auth to roll out for real.
         expected, ok, label = "403", _resolve(op["responses"]["403"], doc), f"{label} (predict key: refused)"
-    bodies = _bodies(op) or [(None, None, None)]
+    bodies = _bodies(op) or [(None, None, None, None)]
     made: list[dict] = []
     negated = False  # the negative requests go with the operation's first JSON example
-    for media, key, value in bodies:
+    for media, key, value, status in bodies:
         params = _path_values(doc, op, key)
         name = f"{label} [{key}]" if key and len(bodies) > 1 else label
-        name += f" ({media})" if media and len({m for m, _, _ in bodies}) > 1 else ""
-        tests = _status_tests(int(expected), ok, doc)
+        name += f" ({media})" if media and len({b[0] for b in bodies}) > 1 else ""
+        # An example may name the documented status it answers (x-status): POST /feedback's names no real request.
+        answer = (str(status), _resolve(op["responses"][str(status)], doc)) if status else (expected, ok)
+        tests = _status_tests(int(answer[0]), answer[1], doc)
         rows = _row_count(value)
-        if expected.startswith("2") and rows is not None and "predictions" in _schema_properties(ok, doc):
+        if answer[0].startswith("2") and rows is not None and "predictions" in _schema_properties(ok, doc):
             tests += [
                 f'pm.test("{rows} prediction(s), one per row sent", function () {{',
                 f"    pm.expect(pm.response.json().predictions).to.have.lengthOf({rows});",
@@ -235,15 +237,16 @@ def _var(key: str, value: str) -> dict:
     return {"key": key, "value": value, "type": "string"}
 
 
-def _bodies(op: dict) -> list[tuple[str, str | None, object]]:
-    """(media type, example key, value) for every example of every request media type, in a stable order."""
+def _bodies(op: dict) -> list[tuple[str, str | None, object, int | None]]:
+    """(media type, example key, value, its x-status or None) for every example of every request media type, in a
+    stable order."""
     found = []
     for media, content in sorted(op.get("requestBody", {}).get("content", {}).items()):
         if "example" in content:
-            found.append((media, None, content["example"]))
+            found.append((media, None, content["example"], None))
         for key, example in sorted(content.get("examples", {}).items()):
             if "value" in example:
-                found.append((media, key, example["value"]))
+                found.append((media, key, example["value"], example.get("x-status")))
     return found
 
 

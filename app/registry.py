@@ -19,6 +19,7 @@ import numpy as np
 import sklearn
 
 from app.artifacts import ModelError, check_sklearn_version, open_artifact, parse_trusted_types, save_artifact
+from app.drift import check_reference, reference_stats
 from app.errors import ApiError, StartupError
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class Model:
             "cache": {"tiers": self.cache_tiers, **self.cache_figures},
             "load_seconds": round(self.load_seconds, 3),
             "sample_row": self.sample_row,
+            # Whether the metadata holds training reference statistics: without them, no drift metrics.
+            "reference": bool(self.metadata.get("reference")),
         }
 
 
@@ -104,12 +107,13 @@ def save_model(
     version: str,
     feature_names: list[str] | None = None,
     sample_rows: np.ndarray | None = None,
+    reference: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> dict:
     """Dump an estimator and write its metadata beside it; return the metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_artifact(estimator, path)
-    return write_metadata(estimator, path, name, version, feature_names, sample_rows)
+    return write_metadata(estimator, path, name, version, feature_names, sample_rows, reference)
 
 
 def write_metadata(
@@ -119,11 +123,24 @@ def write_metadata(
     version: str,
     feature_names: list[str] | None = None,
     sample_rows: np.ndarray | None = None,
+    reference: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> dict:
     """Check an estimator already dumped at path as startup would, then write its metadata (with the artifact's
-    sha256) atomically, so a refused model never replaces a good metadata file."""
+    sha256) atomically, so a refused model never replaces a good metadata file. reference, (training rows, their
+    targets or None), adds the statistics drift is measured against."""
     names, n_features = check_estimator(estimator, path, feature_names)
     classes, task = _classes_and_task(estimator)
+    ref = None
+    if reference is not None:
+        rows, target = reference
+        if np.ndim(rows) != 2 or np.shape(rows)[1] != n_features:
+            raise ModelError(f"reference data must have {n_features} feature columns, as model file {path} takes")
+        if target is not None and len(target) != len(rows):
+            raise ModelError("reference data: the target column must have one value per row")
+        try:
+            ref = reference_stats(estimator, rows, target, names, classes)
+        except ValueError as e:
+            raise ModelError(f"reference data: {e}") from None
     meta = {
         "name": name,
         "version": version,
@@ -139,6 +156,9 @@ def write_metadata(
         # Rows the compiled backend is checked against at load time.
         "sample_rows": np.asarray(sample_rows, dtype=np.float64).tolist() if sample_rows is not None else None,
     }
+    if ref is not None:
+        # Per-feature quantile bins and the training predictions' distribution (app/drift.py measures PSI by them).
+        meta["reference"] = ref
     write_atomically(metadata_path(path), (json.dumps(meta, indent=2) + "\n").encode())
     return meta
 
@@ -251,6 +271,8 @@ def load_model(
     estimator = open_artifact(path, trusted_types or [])
     names, n_features = check_estimator(estimator, path, meta.get("feature_names"))
     classes, task = _classes_and_task(estimator)
+    if meta.get("reference") is not None and (why := check_reference(meta["reference"], n_features, classes)):
+        raise ModelError(f"model metadata {meta_file}: {why} (register --reference rewrites it)")
     return Model(
         name=meta["name"],
         version=str(meta["version"]),

@@ -14,7 +14,7 @@ from flask import Flask, Response, g, request
 log = logging.getLogger(__name__)
 
 # A caller's X-Request-ID is echoed into logs and headers, so only a safe token is accepted.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # Text-format values written bare; anything else (a newline, space, quote, "=") is JSON-quoted, so a value from
 # the request (its path) can never end the line or pass for another field.
 _BARE = re.compile(r"[A-Za-z0-9._:/@+,-]+")
@@ -115,7 +115,7 @@ def init_app(app: Flask) -> None:
     def _start() -> None:
         g.start = perf_counter()
         sent = request.headers.get("X-Request-ID", "")
-        g.request_id = sent if _REQUEST_ID.fullmatch(sent) else os.urandom(16).hex()
+        g.request_id = sent if REQUEST_ID.fullmatch(sent) else os.urandom(16).hex()
         g.log = {}
 
     @app.after_request

@@ -24,7 +24,11 @@ def main(path: str = "models/iris/1/model.joblib") -> None:
     model.fit(iris.data, labels)
     # A few rows of each class, so the compiled backend is checked on real inputs.
     samples = iris.data[::10]
-    meta = save_model(model, path, name="iris", version="1", feature_names=FEATURES, sample_rows=samples)
+    # The training rows and labels as the drift reference: quantile bins per feature, class frequencies.
+    reference = (iris.data, labels)
+    meta = save_model(
+        model, path, name="iris", version="1", feature_names=FEATURES, sample_rows=samples, reference=reference
+    )
     print(f"wrote {path} (sha256 {meta['sha256'][:12]}..., classes {meta['classes']})")
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import redis
 import requests
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,6 +44,15 @@ def fitted_on_names(estimator, names: list[str]):
 def basic_auth(user: str = USER, key: str = KEY) -> dict:
     """An Authorization header for basic auth."""
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()}
+
+
+def exported(name: str, **labels: str) -> float | None:
+    """A sample's value as this process's Prometheus text exposition shows it (None when the series is absent)."""
+    for family in text_string_to_metric_families(generate_latest().decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
 
 
 class RedisServer:

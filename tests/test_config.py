@@ -27,6 +27,9 @@ BAD = [
     ("MODEL_SHA256", "abc123", "must be empty or 64 hex digits (a sha256)"),
     ("METRICS_BIND", "9100", "must be empty or host:port, e.g. 127.0.0.1:9100"),
     ("METRICS_BIND", "127.0.0.1:99999", "must be empty or host:port, e.g. 127.0.0.1:9100"),
+    ("FEEDBACK_TTL", "-1", "must be a whole number >= 0"),
+    ("FEEDBACK_WINDOW", "0", "must be a whole number >= 1"),
+    ("DRIFT_WINDOW", "ten", "must be a whole number >= 0"),
 ]
 REDIS_URL_RULE = "REDIS_URL must be a redis://, rediss:// or unix:// URL with a valid port and options"
 # Malformed URLs, each carrying a password that must never reach the log.

@@ -118,21 +118,23 @@ def test_schemas_and_examples_come_from_the_registry(two_models, spec):
 
 
 def test_each_example_body_predicts(two_models, spec):
-    """Every example body, POSTed to its route as the document describes it, answers 200 with one prediction."""
+    """Every example body, POSTed to its route as the document describes it, answers 200 with one prediction, or
+    the documented status its x-status names (POST /feedback's example names an unknown request: 404)."""
     client = two_models.test_client()
     sent = {}
     for path, ops in spec["paths"].items():
         for op in ops.values():
             for media_type, media in op.get("requestBody", {}).get("content", {}).items():
-                examples = {"": media["example"]} if "example" in media else {}
-                examples |= {key: e["value"] for key, e in media.get("examples", {}).items()}
-                for key, body in examples.items():
+                examples = {"": (media["example"], 200)} if "example" in media else {}
+                examples |= {key: (e["value"], e.get("x-status", 200)) for key, e in media.get("examples", {}).items()}
+                for key, (body, status) in examples.items():
                     name, _, version = key.partition(" ")
                     url = path.replace("{name}", name or "iris").replace("{version}", version)
                     data = body if isinstance(body, str) else json.dumps(body)
                     r = client.post(url, data=data, content_type=media_type, headers=basic_auth())
-                    assert r.status_code == 200, (url, r.json)
+                    assert r.status_code == status and str(status) in op["responses"], (url, r.json)
                     sent[path] = sent.get(path, 0) + 1
+    assert sent["/feedback"] == 1
     assert (sent["/predict"], sent["/models/{name}/predict"], sent["/models/{name}/versions/{version}/predict"]) == (
         1,
         2,

@@ -7,6 +7,8 @@ from conftest import ADMIN, ADMIN_KEY, KEY, ROOT, USER
 
 from app import postman
 
+# Feedback on, so POST /feedback runs its real lookup (its example names an unknown request: 404).
+FEEDBACK = {"FEEDBACK_TTL": "600"}
 NEWMAN = ROOT / "node_modules" / ".bin" / "newman"
 CHECKED_IN = ROOT / "postman"
 
@@ -51,7 +53,7 @@ def test_every_operation_has_tested_requests(make_model_dir, make_app):
 def test_newman_runs_the_collection_green(live_server, redis_url, demo_model_dir, tmp_path):
     """newman runs every request of the checked-in collection against gunicorn + Redis serving the demo registry:
     no failed request or assertion, and every assertion the collection holds was executed."""
-    server = live_server(env={"MODEL_PATH": "", "MODEL_DIR": str(demo_model_dir), "REDIS_URL": redis_url})
+    server = live_server(env={"MODEL_PATH": "", "MODEL_DIR": str(demo_model_dir), "REDIS_URL": redis_url, **FEEDBACK})
     collection = CHECKED_IN / postman.COLLECTION_FILE
     report = tmp_path / "newman.json"
     credentials = {"user": USER, "key": KEY, "adminUser": ADMIN, "adminKey": ADMIN_KEY}

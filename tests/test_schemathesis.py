@@ -11,6 +11,8 @@ from xml.etree import ElementTree
 import requests
 from conftest import ADMIN, ADMIN_KEY, KEY, USER
 
+# Feedback on, so POST /feedback runs its real lookup (its example names an unknown request: 404).
+FEEDBACK = {"FEEDBACK_TTL": "600"}
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 # Per operation: bounded, so the run stays around a minute on two busy cores. A fixed seed makes a failure in CI
 # the same failure on a laptop (`st replay` needs the same run); change it to explore other inputs.
@@ -24,7 +26,7 @@ def _basic(user: str, key: str) -> str:
 
 def test_live_service_keeps_the_documented_contract(live_server, redis_url, demo_model_dir, tmp_path):
     """schemathesis run --checks all against gunicorn + Redis serving the demo registry exits 0: zero failures."""
-    server = live_server(env={"MODEL_PATH": "", "MODEL_DIR": str(demo_model_dir), "REDIS_URL": redis_url})
+    server = live_server(env={"MODEL_PATH": "", "MODEL_DIR": str(demo_model_dir), "REDIS_URL": redis_url, **FEEDBACK})
     report = tmp_path / "schemathesis.xml"
     env = {
         **os.environ,

@@ -124,8 +124,12 @@ def run(model: Model, X: np.ndarray, proba: bool) -> Prediction:
         cc = parse_cache_control_header(sent.lower(), cls=RequestCacheControl)
         lookup, store = not cc.no_cache, not cc.no_store
     cache = current_app.extensions["sibyl.cache"]
-    result = pipeline.predict(model, X, proba, cache, lookup=lookup, store=store, user=auth.current_user())
+    user = auth.current_user()
+    result = pipeline.predict(model, X, proba, cache, lookup=lookup, store=store, user=user)
     g.log.update(rows=len(X), cache=result.cache, cache_hits=result.hits)
+    # Monitoring sees every answered row, cache hits included: they are live traffic all the same.
+    current_app.extensions["sibyl.drift"].observe(result.model, X, result.predictions)
+    current_app.extensions["sibyl.feedback"].remember(g.request_id, result.model, result.predictions, user)
     g.timings = result.timings
     current_app.extensions["sibyl.metrics"].prediction(result, len(X), cache)
     return result
