@@ -3,8 +3,10 @@ offers: basic auth as a user with the admin role, and the unauthenticated METRIC
 
 import time
 
+import numpy as np
 import pytest
 from conftest import ADMIN, ADMIN_KEY, IRIS_ROWS
+from sklearn.datasets import load_iris
 
 from tests.support.servers import Prometheus, free_port, shipped_jobs, sibyl_prometheus_config
 
@@ -78,3 +80,24 @@ def test_prometheus_scrapes_live_sibyl_on_metrics_bind(live_server, prometheus):
     scraper = prometheus(shipped_jobs()[1], bind)
     sent_known_traffic(server)
     assert_scraped_sibyl(scraper)
+
+
+def test_prometheus_sees_the_drift_score_move_after_shifted_inputs(live_server, prometheus):
+    """Training-like rows keep petal_length's PSI under the alert's 0.25 in Prometheus; a window of rows with it
+    shifted raises it past, read through Prometheus's query API from a live 2-worker Sibyl."""
+    server = live_server(env={"DRIFT_WINDOW": "100"})
+    job = shipped_jobs()[0]
+    job["basic_auth"]["username"] = ADMIN
+    scraper = prometheus(job, f"127.0.0.1:{server.port}", key=ADMIN_KEY)
+    iris = load_iris().data
+    rng = np.random.default_rng(11)
+    psi = 'max(sibyl_feature_drift_psi{model="iris", feature="petal_length"})'
+    for shift in (0.0, 1.5):
+        rows = iris[rng.integers(0, len(iris), 200)]
+        rows[:, 2] += shift
+        for batch in (rows[:100], rows[100:]):  # each worker's window fills, whichever takes each batch
+            assert server.predict({"features": batch.round(3).tolist()}).status_code == 200
+            assert server.predict({"features": batch.round(3).tolist()}).status_code == 200
+        if shift == 0.0:
+            assert scraper.await_query(f"{psi} < 0.25"), scraper.query(psi)
+    assert scraper.await_query(f"{psi} > 0.25"), scraper.query(psi)
