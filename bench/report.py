@@ -192,6 +192,17 @@ def markdown(results: dict) -> str:
             [[k, v["backend"], v["ms"], v["sklearn_ms"]] for k, v in results["in_process"].items()],
         ),
         "",
+        "**Recording one request's metrics** (in process, prometheus_client's multiprocess mode as under gunicorn; "
+        "median µs per call; drift costs next to nothing here: these models carry no reference statistics):",
+        "",
+        *_table(
+            ["Model", "Request counter + latency", "Rows, cache outcome, predict time", "Drift, 1 row"],
+            [
+                [k, v["request_us"], v["prediction_us"], v["drift_1_row_us"]]
+                for k, v in results.get("recording", {}).items()
+            ],
+        ),
+        "",
         f"**Where the time goes** (Sibyl with LOG_LEVEL=DEBUG, c={p['debug_concurrency']}, {p['debug_seconds']} s "
         "per shape; mean ms per request from the request log. *Rest of app*: auth, parsing, validation, "
         "serialization. *Outside app*: workers ÷ req/s − app time, i.e. gunicorn, WSGI, the log line, and CPU "

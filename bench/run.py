@@ -228,6 +228,14 @@ def in_process(path: Path, plan: Plan) -> dict:
     }
 
 
+def recording(path: Path, plan: Plan) -> dict:
+    """µs per request of recording its metrics (and drift), in a fresh interpreter in multiprocess mode, as the
+    gunicorn workers record them (bench/recording.py)."""
+    args = [sys.executable, "-m", "bench.recording", str(path), plan.backend]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=300)
+    return orjson.loads(out.stdout.strip().splitlines()[-1])
+
+
 def where_time_goes(bench: Bench, server: Gunicorn, model: str, hit_body: bytes) -> dict:
     """Mean per-step ms from Sibyl's DEBUG request lines, one short run per shape."""
     plan, out = bench.plan, {}
@@ -379,6 +387,7 @@ def run(plan: Plan, workdir: Path) -> dict:
     models = make_models(workdir)
     # In-process first, while no server competes for the CPU.
     results["in_process"] = {name: in_process(m["path"], plan) for name, m in models.items()}
+    results["recording"] = {name: recording(m["path"], plan) for name, m in models.items()}
     with contextlib.ExitStack() as stack:
         measure(bench, models, results, stack)
     print("bench: where the time goes (Sibyl with LOG_LEVEL=DEBUG)...")
