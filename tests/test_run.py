@@ -1,5 +1,6 @@
 """`make run` (scripts/run.sh) as a user meets it: a curl for the served model, once it serves; one per folder."""
 
+import base64
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import requests
 from conftest import ROOT, basic_auth
 from sklearn.linear_model import LinearRegression
 
@@ -97,6 +99,14 @@ def test_make_run_prints_a_working_curl_for_the_served_model(run_env, tmp_path, 
         scrape = command.split(" -X POST")[0] + " " + command.rsplit(" ", 1)[1].replace("/predict", "/metrics")
         metrics = subprocess.run(["bash", "-c", scrape], capture_output=True, text=True, timeout=30)
         assert 'sibyl_rows_predicted_total{model="prices",version="1"} 1.0' in metrics.stdout
+        # And it keeps answers for POST /feedback: the README's example joins.
+        user, key = command.split("-u ", 1)[1].split(" ", 1)[0].split(":", 1)
+        url = command.rsplit(" ", 1)[1].rsplit("/", 1)[0]
+        sent = {"Authorization": "Basic " + base64.b64encode(f"{user}:{key}".encode()).decode()}
+        answer = requests.post(url + "/predict", json={"features": [[1, 2, 3]]}, headers=sent, timeout=10)
+        truth = {"request_id": answer.headers["X-Request-ID"], "truth": [answer.json()["predictions"][0] + 1]}
+        joined = requests.post(url + "/feedback", json=truth, headers=sent, timeout=10)
+        assert joined.status_code == 200 and joined.json()["window"]["mae"] == 1.0, (joined.json(), run.output())
     finally:
         assert run.interrupt() in (0, 130, -signal.SIGINT)
 
