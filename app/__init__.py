@@ -42,29 +42,9 @@ def create_app(config: dict | None = None) -> Flask:
     registry = app.extensions["sibyl.registry"] = load_registry(app.config, cache.round_trip)
     # Drift windows and kept predictions: what POST /feedback and the monitoring gauges read.
     app.extensions["sibyl.drift"] = Drift(registry.loaded(), app.config["DRIFT_WINDOW"])
-    app.extensions["sibyl.feedback"] = feedback.FeedbackStore(
-        _feedback_redis(app.config, cache), app.config["FEEDBACK_TTL"], app.config["FEEDBACK_WINDOW"], cache.prefix
-    )
+    app.extensions["sibyl.feedback"] = feedback.store_for(app.config, cache)
     app.before_request(refuse_encoded_slash)
     for module in (health, native, mlflow, kserve, v2, feedback, admin, openapi):
         app.register_blueprint(module.bp)
     metrics.init_app(app)  # last: it records the models loaded above, and serves /metrics
     return app
-
-
-def _feedback_redis(config: dict, cache: PredictionCache) -> PredictionCache | None:
-    """The Redis feedback keeps predictions in: the cache's client and breakers when the cache uses REDIS_URL, a
-    client of its own when CACHE_ENABLED is off; None when FEEDBACK_TTL=0."""
-    if not config["FEEDBACK_TTL"]:
-        return None
-    if not config["REDIS_URL"]:
-        raise StartupError("FEEDBACK_TTL needs REDIS_URL: the predictions kept for feedback live in Redis")
-    if cache.url == config["REDIS_URL"]:
-        return cache
-    return PredictionCache(
-        config["REDIS_URL"],
-        config["CACHE_TTL"],
-        config["CACHE_PREFIX"],
-        config["CACHE_TIMEOUT_MS"],
-        config["CACHE_RETRY_SECONDS"],
-    )

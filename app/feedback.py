@@ -12,8 +12,8 @@ from prometheus_client import Counter, Gauge
 from app import errors
 from app.auth import auth, user_roles
 from app.cache import PredictionCache
-from app.errors import ApiError
-from app.openapi import json_body
+from app.errors import ApiError, StartupError
+from app.openapi import json_answer, json_body
 from app.protocols import json_response, max_rows, read_json, registry
 from app.registry import Model, Registry
 from app.request_log import REQUEST_ID
@@ -71,6 +71,26 @@ return redis.call('LRANGE', KEYS[3], 0, -1)
 def _digest(user: str | None) -> str:
     """The caller as stored beside their predictions: a digest, so user names stay out of Redis."""
     return hashlib.blake2b((user or "").encode(), digest_size=8).hexdigest()
+
+
+def store_for(config: dict, cache: PredictionCache) -> "FeedbackStore":
+    """The store the settings ask for: in the cache's Redis (its client and breakers) when the cache uses REDIS_URL,
+    a client of its own when CACHE_ENABLED is off; keeping nothing when FEEDBACK_TTL=0."""
+    if not config["FEEDBACK_TTL"]:
+        redis = None
+    elif not config["REDIS_URL"]:
+        raise StartupError("FEEDBACK_TTL needs REDIS_URL: the predictions kept for feedback live in Redis")
+    elif cache.url == config["REDIS_URL"]:
+        redis = cache
+    else:
+        redis = PredictionCache(
+            config["REDIS_URL"],
+            config["CACHE_TTL"],
+            config["CACHE_PREFIX"],
+            config["CACHE_TIMEOUT_MS"],
+            config["CACHE_RETRY_SECONDS"],
+        )
+    return FeedbackStore(redis, config["FEEDBACK_TTL"], config["FEEDBACK_WINDOW"], cache.prefix)
 
 
 class FeedbackStore:
@@ -292,10 +312,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
         "value": {"request_id": "0123456789abcdef0123456789abcdef", "truth": labels[:1] or [0.0]},
         "x-status": 404,
     }
-    ok = {
-        "description": "The truths were joined; the version's window after them.",
-        "content": {"application/json": {"schema": _RESPONSE}},
-    }
+    ok = json_answer("The truths were joined; the version's window after them.", _RESPONSE)
     body = json_body(schema, {}, single=False)
     body["content"]["application/json"]["examples"] = {"unknown": example}
     return {"requestBody": body, "ok": ok, "statuses": (400, 404, 409, 410, 413, 415, 503)}

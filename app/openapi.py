@@ -143,7 +143,7 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
         statuses.append(409)
     if endpoint == "health.ready":
         statuses.append(503)
-    ok: dict = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
+    ok = json_answer("OK", {"type": "object"})
     if endpoint == "openapi.docs":
         ok = {"description": "Swagger UI", "content": {"text/html": {"schema": {"type": "string"}}}}
     if endpoint == "metrics.metrics":
@@ -259,6 +259,19 @@ def request_object(model: Model, properties: dict, fields: tuple) -> dict:
         "oneOf": [{"required": [field]} for field in fields],
         "additionalProperties": False,
     }
+
+
+def json_answer(description: str, schema: dict, headers: dict | None = None) -> dict:
+    """A JSON answer in the document: its description, schema and (when given) headers."""
+    answer: dict = {"description": description, "content": {"application/json": {"schema": schema}}}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def predict_answer(description: str, schema: dict) -> dict:
+    """A predict route's 200 answer: JSON, with the cache headers every protocol's predictions carry."""
+    return json_answer(description, schema, CACHE_HEADERS)
 
 
 def json_body(schema: dict, examples: dict[str, dict], single: bool, media: str = "application/json") -> dict:

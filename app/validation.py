@@ -14,6 +14,11 @@ def invalid(message: str) -> ApiError:
     return ApiError(400, "invalid_input", message)
 
 
+def too_many_rows(sent: int, max_rows: int) -> ApiError:
+    """The 413 for more rows than MAX_ROWS."""
+    return ApiError(413, "too_many_rows", f"{sent} rows sent; at most {max_rows} per request (MAX_ROWS)")
+
+
 def to_matrix(rows: object, model: Model, max_rows: int, field: str = "features") -> np.ndarray:
     """Check rows (lists of numbers, or objects keyed by feature name) and stack them as float64."""
     if isinstance(rows, list) and rows and type(rows[0]) in _NUMBERS:
@@ -21,7 +26,7 @@ def to_matrix(rows: object, model: Model, max_rows: int, field: str = "features"
     if not isinstance(rows, list) or not rows:
         raise invalid(f"{field} must be a non-empty list of rows, e.g. [[{_example(model)}]]")
     if len(rows) > max_rows:
-        raise ApiError(413, "too_many_rows", f"{len(rows)} rows sent; at most {max_rows} per request (MAX_ROWS)")
+        raise too_many_rows(len(rows), max_rows)
     n = model.n_features
     ordered = []
     for i, row in enumerate(rows):
@@ -52,7 +57,7 @@ def check_array(X: np.ndarray, model: Model, max_rows: int, field: str) -> np.nd
     if X.ndim != 2 or not len(X):
         raise invalid(f"{field} must hold at least one row of {n} values")
     if len(X) > max_rows:
-        raise ApiError(413, "too_many_rows", f"{len(X)} rows sent; at most {max_rows} per request (MAX_ROWS)")
+        raise too_many_rows(len(X), max_rows)
     if X.shape[1] != n:
         raise invalid(f"{field} has {X.shape[1]} values per row; the model expects {n}{_names(model)}")
     X = np.ascontiguousarray(X, dtype=np.float64)  # every numeric tensor type fits float64's range

@@ -9,12 +9,13 @@ from app.auth import auth
 from app.errors import ApiError
 from app.health import models_answer
 from app.openapi import (
-    CACHE_HEADERS,
     PREDICT_STATUSES,
     instance_schema,
+    json_answer,
     json_body,
     models_for,
     one_of_models,
+    predict_answer,
     request_object,
 )
 from app.protocols import (
@@ -119,22 +120,17 @@ ERROR_SCHEMA = (
 def openapi_operation(endpoint: str, method: str, registry: Registry, config) -> dict | None:
     """This protocol's part of an operation in GET /openapi.json: bodies and answers in KServe's shapes."""
     if endpoint == "kserve.models":
-        return {"ok": _ok("The names of the models served.", _MODELS_RESPONSE)}
+        return {"ok": json_answer("The names of the models served.", _MODELS_RESPONSE)}
     if endpoint == "kserve.model_ready":
-        return {"ok": _ok("The model answers.", _READY_RESPONSE), "statuses": [503]}
+        return {"ok": json_answer("The model answers.", _READY_RESPONSE), "statuses": [503]}
     if endpoint != "kserve.predict":
         return None
     models = models_for("model", registry)
     schema = one_of_models([_request_schema(m, config["MAX_ROWS"]) for m in models.values()])
     examples = {key: {"instances": [m.sample_row]} for key, m in models.items()}
-    ok = _ok("One prediction per row, from the model's default version (or its traffic split).", _PREDICT_RESPONSE)
-    ok["headers"] = CACHE_HEADERS
+    description = "One prediction per row, from the model's default version (or its traffic split)."
+    ok = predict_answer(description, _PREDICT_RESPONSE)
     return {"requestBody": json_body(schema, examples, single=False), "ok": ok, "statuses": PREDICT_STATUSES}
-
-
-def _ok(description: str, schema: dict) -> dict:
-    """A 200 answer with a JSON schema."""
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def _request_schema(model: Model, max_rows: int) -> dict:

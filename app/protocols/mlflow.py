@@ -18,11 +18,12 @@ from app.auth import auth
 from app.errors import ApiError
 from app.openapi import (
     API_VERSION,
-    CACHE_HEADERS,
     PREDICT_STATUSES,
+    json_answer,
     json_body,
     models_for,
     one_of_models,
+    predict_answer,
     request_object,
     row_schema,
 )
@@ -312,7 +313,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     """The invocations routes' bodies (JSON and CSV) and answers, /ping's and /version's answers."""
     if endpoint == "mlflow.ping":
         schema = {"type": "object", "properties": {"status": {"const": "ok"}}}
-        return {"ok": {"description": "The server is up.", "content": {"application/json": {"schema": schema}}}}
+        return {"ok": json_answer("The server is up.", schema)}
     if endpoint == "mlflow.version":
         text = {"text/plain": {"schema": {"type": "string"}, "example": API_VERSION}}
         return {"ok": {"description": "The version of Sibyl's API contract.", "content": text}}
@@ -325,11 +326,9 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     csv_schema = one_of_models([_csv_schema(m, config["MAX_ROWS"]) for m in models.values()])
     csv_examples = {key: _csv_example(m) for key, m in models.items()}
     body["content"] |= json_body(csv_schema, csv_examples, single, "text/csv")["content"]
-    ok = {
-        "description": "One prediction per row (with predict_proba, each row's class probabilities in class order).",
-        "headers": CACHE_HEADERS,
-        "content": {"application/json": {"schema": _RESPONSE}},
-    }
+    ok = predict_answer(
+        "One prediction per row (with predict_proba, each row's class probabilities in class order).", _RESPONSE
+    )
     return {"requestBody": body, "ok": ok, "statuses": PREDICT_STATUSES}
 
 

@@ -6,12 +6,12 @@ import config
 from app import errors
 from app.auth import auth
 from app.openapi import (
-    CACHE_HEADERS,
     PREDICT_STATUSES,
     instance_schema,
     json_body,
     models_for,
     one_of_models,
+    predict_answer,
     request_object,
     row_schema,
 )
@@ -125,11 +125,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     models = models_for(_ROUTES[endpoint], registry)
     schema = one_of_models([_request_schema(m, config["MAX_ROWS"]) for m in models.values()])
     examples = {key: {"features": [m.sample_row]} for key, m in models.items()}
-    ok = {
-        "description": "One prediction per row, and which model version answered.",
-        "headers": CACHE_HEADERS,
-        "content": {"application/json": {"schema": _PREDICT_RESPONSE}},
-    }
+    ok = predict_answer("One prediction per row, and which model version answered.", _PREDICT_RESPONSE)
     return {
         "requestBody": json_body(schema, examples, single=endpoint == "native.predict"),
         "ok": ok,

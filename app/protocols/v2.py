@@ -6,15 +6,15 @@ import struct
 
 import numpy as np
 import orjson
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from app import errors
 from app.auth import auth
 from app.errors import ApiError
 from app.health import models_answer
-from app.openapi import CACHE_HEADERS, PREDICT_STATUSES, json_body, models_for, one_of_models
+from app.openapi import PREDICT_STATUSES, json_answer, json_body, models_for, one_of_models, predict_answer
 from app.pipeline import Prediction
-from app.protocols import cache_headers, json_response, log_model, max_rows, parse_json, read_body, run
+from app.protocols import cache_headers, json_response, log_model, max_rows, parse_json, read_body, registry, run
 from app.registry import Model, Registry, version_key
 from app.validation import check_array, column_order, field_name, invalid
 
@@ -92,9 +92,9 @@ def ready() -> Response:
 @auth.login_required
 def model_metadata(name: str) -> Response:
     """A model's default version: its versions, inputs and outputs (names, datatypes, shapes; -1 is the batch)."""
-    registry = _registry()
-    entry = registry.entry(name)
-    model = registry.resolve(name, entry.default)
+    served = registry()
+    entry = served.entry(name)
+    model = served.resolve(name, entry.default)
     return json_response(_metadata(model, sorted(entry.versions, key=version_key)))
 
 
@@ -102,7 +102,7 @@ def model_metadata(name: str) -> Response:
 @auth.login_required
 def version_metadata(name: str, version: str) -> Response:
     """One version of a model (named or by alias): its inputs and outputs."""
-    model = _registry().resolve(name, version)
+    model = registry().resolve(name, version)
     return json_response(_metadata(model, [model.version]))
 
 
@@ -110,34 +110,29 @@ def version_metadata(name: str, version: str) -> Response:
 @auth.login_required
 def model_ready(name: str) -> Response:
     """Whether this worker loaded the model's default version and it answers a sample row."""
-    registry = _registry()
-    return _ready(registry.resolve(name, registry.entry(name).default))
+    served = registry()
+    return _ready(served.resolve(name, served.entry(name).default))
 
 
 @bp.get("/models/<name>/versions/<version>/ready")
 @auth.login_required
 def version_ready(name: str, version: str) -> Response:
     """Whether this worker loaded that version and it answers a sample row."""
-    return _ready(_registry().resolve(name, version))
+    return _ready(registry().resolve(name, version))
 
 
 @bp.post("/models/<name>/infer")
 @auth.login_required
 def infer(name: str) -> Response:
     """Predict with a model's default version (or a version drawn by its traffic split)."""
-    return _infer(_registry().resolve(name))
+    return _infer(registry().resolve(name))
 
 
 @bp.post("/models/<name>/versions/<version>/infer")
 @auth.login_required
 def infer_version(name: str, version: str) -> Response:
     """Predict with one version of a model, named or by alias."""
-    return _infer(_registry().resolve(name, version))
-
-
-def _registry() -> Registry:
-    """The registry create_app loaded."""
-    return current_app.extensions["sibyl.registry"]
+    return _infer(registry().resolve(name, version))
 
 
 def _ready(model: Model) -> Response:
@@ -450,8 +445,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
         schema = one_of_models([_request_schema(m, config["MAX_ROWS"]) for m in models.values()])
         body = json_body(schema, {key: _example(m) for key, m in models.items()}, single=False)
         body["description"] = _BINARY_FORM
-        ok = _ok("The outputs asked for, and which version answered.", _RESPONSE)
-        ok["headers"] = CACHE_HEADERS
+        ok = predict_answer("The outputs asked for, and which version answered.", _RESPONSE)
         # Binary outputs, when asked for: the JSON header (Inference-Header-Content-Length bytes), then the tensors.
         binary = {"type": "string", "format": "binary", "description": _BINARY_REPLY}
         ok["content"]["application/octet-stream"] = {"schema": binary}
@@ -468,12 +462,7 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     if endpoint not in answers:
         return None
     description, schema, statuses = answers[endpoint]
-    return {"ok": _ok(description, schema), "statuses": statuses}
-
-
-def _ok(description: str, schema: dict) -> dict:
-    """A 200 answer with a JSON schema."""
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+    return {"ok": json_answer(description, schema), "statuses": statuses}
 
 
 def _flag_schema(flag: str, *strings: str) -> dict:
