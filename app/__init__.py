@@ -35,7 +35,7 @@ def create_app(config: dict | None = None) -> Flask:
         per_user=app.config["CACHE_SCOPE"] == "user",
     )
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
-    from app import admin, feedback, health, openapi
+    from app import admin, feedback, health, openapi, page, status
     from app.protocols import kserve, mlflow, native, refuse_encoded_slash, v2
 
     # CACHE_POLICY=auto weighs each model's predict cost against this Redis round trip.
@@ -44,7 +44,7 @@ def create_app(config: dict | None = None) -> Flask:
     app.extensions["sibyl.drift"] = Drift(registry.loaded(), app.config["DRIFT_WINDOW"])
     app.extensions["sibyl.feedback"] = feedback.store_for(app.config, cache)
     app.before_request(refuse_encoded_slash)
-    for module in (health, native, mlflow, kserve, v2, feedback, admin, openapi):
+    for module in (health, native, mlflow, kserve, v2, feedback, admin, openapi, page, status):
         app.register_blueprint(module.bp)
     metrics.init_app(app)  # last: it records the models loaded above, and serves /metrics
     return app

@@ -7,12 +7,13 @@ import re
 import secrets
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 from flask import Flask, current_app, g, request
 from flask_httpauth import HTTPBasicAuth, HTTPTokenAuth, MultiAuth
 
 from app.audit import LoginFailures, audit
-from app.errors import StartupError, error_response
+from app.errors import ApiError, StartupError, error_response
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,10 @@ _DUMMY = hashlib.sha256(b"sibyl-no-such-user").digest()
 # Prometheus scrape key that cannot manage models).
 ROLES = ("predict", "admin", "metrics")
 # What a 403 says each route needs; routes not listed need admin.
-_NEEDS = {"metrics.metrics": ("the admin or metrics role", ":admin or :metrics", "metrics")}
+_NEEDS = {
+    endpoint: ("the admin or metrics role", ":admin or :metrics", "metrics")
+    for endpoint in ("metrics.metrics", "status.status")
+}
 _NEEDS_ADMIN = ("the admin role", ":admin", "admin")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
@@ -159,8 +163,37 @@ basic.error_handler(auth_error)
 bearer.error_handler(auth_error)
 
 
+# Methods that change nothing, which a page on another site may make a browser send (and cannot read the answer of).
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Sec-Fetch-Site values of requests a person made on Sibyl's own pages, or typed themselves.
+_OWN_SITE = frozenset({"same-origin", "none"})
+
+
+def refuse_cross_site() -> None:
+    """403 for a state-changing request that a browser sent from another site's page. A browser that has the web
+    page's basic-auth credentials sends them with every request to this origin, whoever's page asked: a form on
+    another site could POST /admin/reload. Browsers say where a request came from (Sec-Fetch-Site, else Origin);
+    curl, Postman and services send neither, so they are never refused."""
+    environ = request.environ
+    if environ["REQUEST_METHOD"] in _SAFE_METHODS:
+        return
+    site = environ.get("HTTP_SEC_FETCH_SITE")
+    if site is None:
+        origin = environ.get("HTTP_ORIGIN")
+        if origin is None or urlsplit(origin).netloc == request.host:
+            return
+    elif site in _OWN_SITE:
+        return
+    message = (
+        "A browser sent this request from another site's page; Sibyl refuses those (they would carry your "
+        "credentials). Use Sibyl's own page, or call the API from a client that is not a browser."
+    )
+    raise ApiError(403, "cross_site_request", message)
+
+
 def init_app(app: Flask) -> None:
-    """Load the users once at startup, and count refused logins from here on."""
+    """Load the users once at startup, count refused logins from here on, and refuse cross-site writes."""
+    app.before_request(refuse_cross_site)
     app.extensions["sibyl.users"] = load_users(app)
     app.extensions["sibyl.login_failures"] = LoginFailures(
         app.config["AUDIT_LOGIN_FAILURES"], app.config["AUDIT_WINDOW_SECONDS"]

@@ -57,16 +57,17 @@ class Metrics:
         # A registry of its own: each create_app (a test's) starts from zero, and in multiprocess mode the scrape
         # reads the workers' files instead (the objects only write them).
         self.registry = reg = CollectorRegistry(auto_describe=True)
+        # model and version: the version that answered (or refused the body); empty when the route named none.
         self.requests = Counter(
             "sibyl_requests",
-            "HTTP requests answered, by Flask endpoint, method, protocol (blueprint) and status.",
-            ["endpoint", "method", "protocol", "status"],
+            "HTTP requests answered, by Flask endpoint, method, protocol (blueprint), status and model version.",
+            ["endpoint", "method", "protocol", "status", "model", "version"],
             registry=reg,
         )
         self.duration = Histogram(
             "sibyl_request_duration_seconds",
-            "Time from the first before_request hook to the response, by endpoint and protocol.",
-            ["endpoint", "protocol"],
+            "Time from the first before_request hook to the response, by endpoint, protocol and model version.",
+            ["endpoint", "protocol", "model", "version"],
             buckets=BUCKETS,
             registry=reg,
         )
@@ -83,7 +84,7 @@ class Metrics:
         self.cache = Counter(
             "sibyl_cache_requests",
             "Predict requests by cache outcome: hit, miss, partial, bypass (no-cache), off, error (Redis failed).",
-            ["model", "outcome"],
+            ["model", "version", "outcome"],
             registry=reg,
         )
         self.breaker = Gauge(
@@ -133,14 +134,16 @@ class Metrics:
         method = request.environ["REQUEST_METHOD"]
         if method not in _METHODS:
             method = "other"
-        key = (rule.endpoint if rule else None, method, status)
+        answered = g.log  # request_log's fields: model and version once a route resolved one
+        model, version = answered.get("model", ""), answered.get("version", "")
+        key = (rule.endpoint if rule else None, method, status, model, version)
         children = self._by_request.get(key)
         if children is None:
             endpoint = key[0] or "unknown"
             protocol = request.blueprint or "none"
             children = (
-                self.requests.labels(endpoint, method, protocol, str(status)),
-                self.duration.labels(endpoint, protocol),
+                self.requests.labels(endpoint, method, protocol, str(status), model, version),
+                self.duration.labels(endpoint, protocol, model, version),
             )
             self._by_request[key] = children
         children[0].inc()
@@ -160,7 +163,7 @@ class Metrics:
         if children is None:
             children = (
                 self.rows.labels(*key[:2]),
-                self.cache.labels(key[0], key[3]),
+                self.cache.labels(key[0], key[1], key[3]),
                 self.predict.labels(*key[:3]),
             )
             self._by_prediction[key] = children
@@ -186,13 +189,32 @@ class Metrics:
 
     def render(self) -> Response:
         """The metrics in Prometheus text format: the workers' files summed, or this process's own values."""
+        return Response(generate_latest(self._source()), content_type=CONTENT_TYPE)
+
+    def families(self) -> list:
+        """The metric families as a scrape would read them (GET /status computes its figures from these)."""
+        return list(self._source().collect())
+
+    def _source(self):
+        """What a scrape reads: in gunicorn, every worker's files summed; in one process, this app's metrics and the
+        sibyl_* metrics other modules declare."""
         path = multiprocess_dir()
         if path is None:
-            body = generate_latest(self.registry) + generate_latest(_DeclaredElsewhere())
-            return Response(body, content_type=CONTENT_TYPE)
+            return _Both(self.registry, _DeclaredElsewhere())
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=path)
-        return Response(generate_latest(registry), content_type=CONTENT_TYPE)
+        return registry
+
+
+class _Both:
+    """Two collectors read as one."""
+
+    def __init__(self, *collectors) -> None:
+        self.collectors = collectors
+
+    def collect(self):
+        """Every family of each collector, in order."""
+        return [family for collector in self.collectors for family in collector.collect()]
 
 
 class _DeclaredElsewhere:

@@ -22,9 +22,9 @@ PUBLIC = frozenset({"health.health", "health.ready", "openapi.spec", "openapi.do
 API_VERSION = "1"
 _ADMIN_PREFIX = "admin."
 # Routes that need a role beyond predict, besides the admin ones.
-_ROLE_ENDPOINTS = frozenset({"metrics.metrics"})
-# Endpoints that serve files, not API operations.
-_NOT_OPERATIONS = frozenset({"static"})
+_ROLE_ENDPOINTS = frozenset({"metrics.metrics", "status.status"})
+# Endpoints that serve files, not API operations: the static files, and the web page (for browsers, not API clients).
+_NOT_OPERATIONS = frozenset({"static", "page.index"})
 _METHODS = ("get", "post", "put", "patch", "delete")
 # A route's <converter:argument>, or <argument>.
 _PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
@@ -127,9 +127,8 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
     if rest.strip():
         op["description"] = " ".join(doc.split())
     params = [_path_parameter(arg, registry) for arg in rule.arguments]
-    if params:
-        path = _PARAM.sub(r"{\1}", rule.rule)
-        op["parameters"] = sorted(params, key=lambda p: path.index(f"{{{p['name']}}}"))
+    path = _PARAM.sub(r"{\1}", rule.rule)
+    params.sort(key=lambda p: path.index(f"{{{p['name']}}}"))
     statuses = [500]
     protocol = _protocol(endpoint)
     if endpoint not in PUBLIC and endpoint not in getattr(protocol, "PUBLIC", ()):
@@ -154,6 +153,9 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
         statuses += list(parts.get("statuses", ()))
         if "requestBody" in parts:
             op["requestBody"] = parts["requestBody"]
+        params += parts.get("parameters", [])
+    if params:
+        op["parameters"] = params
     shape = protocol.ERROR_SCHEMA[0] if protocol and hasattr(protocol, "ERROR_SCHEMA") else "Error"
     op["responses"] = {"202" if endpoint == "admin.rollout" else "200": ok}
     op["responses"].update(
@@ -230,6 +232,37 @@ def instance_schema(model: Model) -> dict:
         "additionalProperties": False,
     }
     return {"anyOf": [row_schema(model), named]}
+
+
+def column_labels(model: Model) -> list:
+    """The model's feature names, or the labels pandas gives an unnamed DataFrame's columns (0, 1, ...)."""
+    return list(model.feature_names) if model.feature_names else list(range(model.n_features))
+
+
+def csv_content(models: dict[str, Model], max_rows: int, single: bool) -> dict:
+    """A predict route's text/csv request content: a pattern per model, and their examples (see json_body)."""
+    schema = one_of_models([_csv_schema(m, max_rows) for m in models.values()])
+    return json_body(schema, {key: _csv_example(m) for key, m in models.items()}, single, "text/csv")["content"]
+
+
+def _csv_example(model: Model) -> str:
+    """A sample row as pandas' to_csv(index=False) writes it."""
+    header = ",".join(map(str, column_labels(model)))
+    return f"{header}\n{','.join(map(repr, model.sample_row))}\n"
+
+
+def _csv_schema(model: Model, max_rows: int) -> dict:
+    """A CSV body as a pattern: the header in the model's column order, then rows of plain decimal numbers. The
+    columns may come in any order; a pattern can only say one of them."""
+    # Exponents of at most two digits keep every matching number inside float64 (a 1e400 cell is a 400).
+    number = r"[+-]?(?:\d{1,17}\.?\d{0,17}|\.\d{1,17})(?:[eE][+-]?\d{1,2})?"
+    row = number + f"(?:,{number}){{{model.n_features - 1}}}"
+    header = ",".join(re.escape(str(label)) for label in column_labels(model))
+    return {
+        "type": "string",
+        "description": "A header row of column names (any order), then one row of numbers per line.",
+        "pattern": f"^{header}\r?\n{row}(?:\r?\n{row}){{0,{max_rows - 1}}}\r?\n?$",
+    }
 
 
 def one_of_models(schemas: list[dict]) -> dict:

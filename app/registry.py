@@ -81,6 +81,8 @@ class Model:
             "cache": {"tiers": self.cache_tiers, **self.cache_figures},
             "load_seconds": round(self.load_seconds, 3),
             "sample_row": self.sample_row,
+            # Whether "probabilities": true works (a classifier with predict_proba): the web page asks only then.
+            "probabilities": self.has_proba,
             # Whether the metadata holds training reference statistics: without them, no drift metrics.
             "reference": bool(self.metadata.get("reference")),
         }

@@ -1,11 +1,18 @@
 """(3) Rows from any protocol -> a finite float64 matrix that fits the model, or a 400 saying how to fix it."""
 
+import csv
+import io
+import math
+import re
+
 import numpy as np
 
 from app.errors import ApiError
 from app.registry import Model
 
 _NUMBERS = frozenset({int, float})
+# A CSV cell is a plain decimal number: float() alone would also take "nan", "inf" and "1_000".
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _TYPE_NAMES = {str: "a string", bool: "a boolean", type(None): "null", list: "a list", dict: "an object"}
 
 
@@ -30,7 +37,8 @@ def to_matrix(rows: object, model: Model, max_rows: int, field: str = "features"
     n = model.n_features
     ordered = []
     for i, row in enumerate(rows):
-        if type(row) is dict:
+        named = type(row) is dict
+        if named:
             row = _named_row(row, model, f"{field}[{i}]")
         elif type(row) is not list:
             raise invalid(f"{field}[{i}] is {_kind(row)}; each row must be a list of {n} numbers or an object")
@@ -38,15 +46,17 @@ def to_matrix(rows: object, model: Model, max_rows: int, field: str = "features"
             raise invalid(f"{field}[{i}] has {len(row)} values; the model expects {n}{_names(model)}")
         if not _NUMBERS.issuperset(map(type, row)):
             j = next(j for j, v in enumerate(row) if type(v) not in _NUMBERS)
-            raise invalid(f"{field}[{i}][{j}] is {_kind(row[j])}; every value must be a finite number")
+            where = f"{field}[{i}][{model.feature_names[j]!r}]" if named else f"{field}[{i}][{j}]"
+            raise invalid(f"{where} is {_kind(row[j])}; every value must be a finite number")
         ordered.append(row)
     try:
         X = np.array(ordered, dtype=np.float64)
     except OverflowError:
         raise invalid(f"a value in {field} is too large for a 64-bit float") from None
     if not np.isfinite(X).all():
-        i = int(np.argwhere(~np.isfinite(X))[0][0])
-        raise invalid(f"{field}[{i}] holds a value too large for a 64-bit float; values must be finite")
+        i, j = (int(k) for k in np.argwhere(~np.isfinite(X))[0])
+        where = f"{field}[{i}]{_feature(model, j)}"
+        raise invalid(f"{where} holds a value too large for a 64-bit float; values must be finite")
     return X
 
 
@@ -113,6 +123,51 @@ def from_columns(columns: dict, model: Model, max_rows: int, field: str) -> np.n
     return to_matrix([list(row) for row in zip(*values)], model, max_rows, field)
 
 
+def from_csv(data: bytes, model: Model, max_rows: int) -> np.ndarray:
+    """A CSV body (what pandas' to_csv(index=False) writes): a header row of column names (any order), then rows of
+    numbers; blank lines skipped."""
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first column's name
+    except UnicodeDecodeError:
+        raise invalid("The CSV body is not valid UTF-8.") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        # Blank lines are skipped, as pandas' read_csv (MLflow's parser) skips them.
+        lines = (row for row in reader if row)
+        header = [name.strip() for name in next(lines, [])]
+        if not header:
+            raise invalid("The CSV body is empty; send a header row of column names, then one row per line.")
+        if model.feature_names and all(_NUMBER.fullmatch(name) for name in header):
+            # Said before naming the header's "columns": they are values, and messages never quote values.
+            raise invalid(f"The CSV body's first line must be a header row naming the columns: {_expected(model)}")
+        rows = [_csv_row(row, header, reader.line_num) for row in lines]
+    except csv.Error:
+        raise invalid(f"The CSV body could not be parsed at line {reader.line_num} (check its quoting).") from None
+    if not rows:
+        raise invalid("The CSV body has a header row but no data rows; send one row of numbers per line after it.")
+    order = column_order(header, model, "the CSV header")
+    return to_matrix(reorder(rows, order, len(header), "text/csv"), model, max_rows, "text/csv")
+
+
+def _csv_row(row: list[str], header: list[str], line: int) -> list[float]:
+    """One CSV line's cells as finite numbers, or a 400 naming its line and column (never the cell)."""
+    if len(row) != len(header):
+        raise invalid(f"CSV line {line} has {len(row)} cells; the header names {len(header)} columns")
+    values = []
+    for name, cell in zip(header, row):
+        cell = cell.strip()
+        value = float(cell) if _NUMBER.fullmatch(cell) else math.nan
+        if not math.isfinite(value):
+            raise invalid(f"CSV line {line}, column {field_name(name)}: not a finite number")
+        values.append(value)
+    return values
+
+
+def _expected(model: Model) -> str:
+    """The model's feature names, comma-separated."""
+    return ",".join(model.feature_names or ())
+
+
 def reorder(rows: object, order: list[int] | None, width: int, field: str) -> object:
     """Rows whose values follow the columns sent, put in the model's order (checked for width first)."""
     if order is None or not isinstance(rows, list):
@@ -146,6 +201,11 @@ def field_name(name: str) -> str:
 def _kind(value: object) -> str:
     """Name a JSON value's type without echoing the value itself."""
     return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _feature(model: Model, j: int) -> str:
+    """ "['name']" for feature j when the model has names, so a form can show the message beside that input."""
+    return f"[{model.feature_names[j]!r}]" if model.feature_names else ""
 
 
 def _names(model: Model) -> str:

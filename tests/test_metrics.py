@@ -36,8 +36,10 @@ def parse(text: str) -> dict[tuple, float]:
 
 
 def value(samples: dict, name: str, **labels) -> float:
-    """One sample's value; 0 when the series does not exist yet (a counter nobody incremented)."""
-    return samples.get((name, *sorted(labels.items())), 0.0)
+    """The sum of the samples of a name whose labels include these (other labels, e.g. model and version, summed
+    over); 0 when no such series exists yet (a counter nobody incremented)."""
+    wanted = set(labels.items())
+    return sum(v for (sample, *pairs), v in samples.items() if sample == name and wanted <= set(pairs))
 
 
 def series(samples: dict, name: str) -> list[dict]:
@@ -82,7 +84,11 @@ def test_requests_counted_by_endpoint_method_protocol_and_status(client):
     assert requests_total(scrape(client), "metrics.metrics", "200", method="GET") == 1
     latency = value(samples, "sibyl_request_duration_seconds_count", endpoint="native.predict", protocol="native")
     assert latency == 5
-    buckets = [s["le"] for s in series(samples, "sibyl_request_duration_seconds_bucket") if s["protocol"] == "native"]
+    # The version that answered (or refused the body) labels its requests; a 401 reached no model.
+    assert value(samples, "sibyl_requests_total", endpoint="native.predict", model="iris", version="1") == 4
+    assert value(samples, "sibyl_requests_total", status="401", model="", version="") == 1
+    native = series(samples, "sibyl_request_duration_seconds_bucket")
+    buckets = [s["le"] for s in native if s["protocol"] == "native" and s["model"] == "iris"]
     assert buckets == [
         "0.0002",
         "0.0005",

@@ -188,3 +188,48 @@ def test_an_answer_that_is_not_a_number_is_a_422(make_app, make_model, redis_url
     assert redis.Redis.from_url(redis_url).keys() == []
     assert post(client, {**body, "features": body["features"][:1]}).status_code == 200
     assert "422" in client.get("/openapi.json").json["paths"]["/predict"]["post"]["responses"]
+
+
+CSV = "sepal_length,sepal_width,petal_length,petal_width\n5.1,3.5,1.4,0.2\n\n6.7,3.0,5.2,2.3\n"
+
+
+def post_csv(client, text: str, query: str = "", content_type: str = "text/csv"):
+    """POST a CSV body with the test user's credentials."""
+    return client.post(f"/predict{query}", data=text, content_type=content_type, headers=basic_auth())
+
+
+@pytest.mark.parametrize("query", ["", "?probabilities=true"])
+def test_csv_body_answers_as_json_rows_do(client, query):
+    """A CSV file with a header row (columns in any order, blank lines skipped) is answered exactly as the same rows
+    sent as JSON, probabilities included when ?probabilities= asks."""
+    r = post_csv(client, CSV, query)
+    assert r.status_code == 200, r.json
+    assert r.json == post(client, {"features": IRIS_ROWS, "probabilities": bool(query)}).json
+    shuffled = "petal_width,sepal_length,petal_length,sepal_width\n0.2,5.1,1.4,3.5\n2.3,6.7,5.2,3.0\n"
+    assert post_csv(client, shuffled, query).json == r.json
+
+
+@pytest.mark.parametrize(
+    ("text", "status", "words"),
+    [
+        ("sepal_length,sepal_width,petal_length,petal_width\n5.1,x,1.4,0.2\n", 400, "CSV line 2, column 'sepal_width'"),
+        ("sepal_length,sepal_width,petal_length\n5.1,3.5,1.4\n", 400, "missing 'petal_width'"),
+        ("5.1,3.5,1.4,0.2\n", 400, "first line must be a header row"),
+        ("sepal_length,sepal_width,petal_length,petal_width\n", 400, "no data rows"),
+        (CSV.replace("\n\n", "\n") + "7,3,5,2\n" * 3, 413, "at most 4 per request (MAX_ROWS)"),
+    ],
+    ids=["bad-cell", "missing-column", "no-header", "no-rows", "too-many-rows"],
+)
+def test_bad_csv_is_explained(make_app, text, status, words):
+    """A CSV body that cannot be rows gets the one error shape naming the line, the column or the limit."""
+    r = post_csv(make_app(MAX_ROWS=4).test_client(), text)
+    assert r.status_code == status
+    assert words in r.json["error"]["message"]
+
+
+def test_csv_in_another_charset_and_other_media_are_415(client):
+    """CSV must be UTF-8; a body neither JSON nor CSV is a 415 whose message names both."""
+    assert post_csv(client, CSV, content_type="text/csv; charset=latin-1").status_code == 415
+    r = post_csv(client, CSV, content_type="text/plain")
+    assert r.status_code == 415
+    assert "text/csv" in r.json["error"]["message"] and "application/json" in r.json["error"]["message"]

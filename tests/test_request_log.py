@@ -78,3 +78,13 @@ def test_json_lines_cannot_be_forged(client, capsys):
     out = capsys.readouterr().out
     (line,) = request_lines(out)
     assert out.count("\n") == 1 and line["path"] == "/predict\nforged=1"
+
+
+def test_server_timing_is_the_logged_duration(client, capsys):
+    """Every answer carries the server's own time as Server-Timing (browsers and the web page show it): the
+    request line's duration_ms, so the two never disagree."""
+    capsys.readouterr()
+    r = client.post("/predict", json={"features": IRIS_ROWS}, headers=basic_auth())
+    (line,) = request_lines(capsys.readouterr().out)
+    assert r.headers["Server-Timing"] == f"app;dur={line['duration_ms']:.3f}"
+    assert client.get("/no/such/path").headers["Server-Timing"].startswith("app;dur=")

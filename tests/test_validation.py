@@ -26,7 +26,7 @@ CASES = [
      "invalid_input", "instances[0] is missing 'petal_width'"),
     ("extra-name", {"instances": [{**NAMED, "colour": 1}]}, 400, "invalid_input", "unknown field 'colour'"),
     ("named-wrong-type", {"instances": [{**NAMED, "petal_width": "wide"}]}, 400, "invalid_input",
-     "instances[0][3] is a string"),
+     "instances[0]['petal_width'] is a string"),
     ("probabilities-not-bool", {"features": [ROW], "probabilities": "yes"}, 400, "invalid_input",
      "'probabilities' must be true or false"),
     ("body-not-object", [ROW], 400, "invalid_json", "must be a JSON object"),

@@ -24,11 +24,18 @@ _DUMPS_OPTS = orjson.OPT_SERIALIZE_NUMPY
 _BAD_GZIP = "The body is not valid for its Content-Encoding (gzip or deflate): it is corrupt or cut short."
 
 
-def read_json() -> dict:
-    """The request body (gzip or not) as a JSON object, or 415/413/400 saying what to send instead."""
+def read_json(media: str = "Send the body as JSON with Content-Type: application/json.") -> dict:
+    """The request body (gzip or not) as a JSON object, or 415/413/400 saying what to send instead (media: the 415's
+    message)."""
     if not request.is_json:
-        raise ApiError(415, "unsupported_media_type", "Send the body as JSON with Content-Type: application/json.")
+        raise ApiError(415, "unsupported_media_type", media)
     return parse_json(read_body())
+
+
+def utf8_only() -> None:
+    """A 415 unless the body's charset (if the Content-Type names one) is UTF-8: the text bodies Sibyl reads are."""
+    if request.mimetype_params.get("charset", "utf-8").lower() != "utf-8":
+        raise ApiError(415, "unsupported_media_type", "Only UTF-8 is accepted; send the body as charset=utf-8.")
 
 
 def parse_json(data: bytes, example: str = '{"features": [[...]]}') -> dict:

@@ -6,11 +6,6 @@ exactly one of dataframe_split, dataframe_records, instances or inputs, and opti
 header row. Answers are {"predictions": [...]}; errors are MLflow's {"error_code", "message"}, never a stack_trace.
 """
 
-import csv
-import io
-import math
-import re
-
 from flask import Blueprint, Response, request
 
 from app import errors
@@ -19,6 +14,8 @@ from app.errors import ApiError
 from app.openapi import (
     API_VERSION,
     PREDICT_STATUSES,
+    column_labels,
+    csv_content,
     json_answer,
     json_body,
     models_for,
@@ -37,9 +34,10 @@ from app.protocols import (
     read_body,
     registry,
     run,
+    utf8_only,
 )
 from app.registry import Model, Registry
-from app.validation import column_order, field_name, from_columns, invalid, reorder, to_matrix
+from app.validation import column_order, field_name, from_columns, from_csv, invalid, reorder, to_matrix
 
 bp = Blueprint("mlflow", __name__)
 
@@ -82,8 +80,6 @@ _MEDIA = (
     "Send JSON (Content-Type: application/json) holding one of dataframe_split, dataframe_records, instances or "
     "inputs, or CSV with a header row (Content-Type: text/csv)."
 )
-# A CSV cell is a plain decimal number: float() alone would also take "nan", "inf" and "1_000".
-_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 @bp.post("/invocations")
@@ -130,7 +126,7 @@ def _invoke(model: Model) -> Response:
     media = _media_type()
     data = read_body()
     if media == "text/csv":
-        X, proba = _from_csv(data, model), False
+        X, proba = from_csv(data, model, max_rows()), False
     else:
         body = parse_json(data, _EXAMPLE)
         X, proba = _from_json(body, model), _wants_proba(body.get("params"), model)
@@ -145,10 +141,8 @@ def _media_type() -> str:
     media = request.mimetype
     if media not in ("application/json", "text/csv"):
         raise ApiError(415, "unsupported_media_type", _MEDIA)
-    params = request.mimetype_params
-    if params.get("charset", "utf-8").lower() != "utf-8":
-        raise ApiError(415, "unsupported_media_type", "Only UTF-8 is accepted; send the body as charset=utf-8.")
-    if other := sorted(set(params) - {"charset"}):
+    utf8_only()
+    if other := sorted(set(request.mimetype_params) - {"charset"}):
         # MLflow 2.0 dropped format=pandas-split and the like, and MLflow itself answers them with a 415.
         raise ApiError(
             415,
@@ -225,50 +219,6 @@ def _from_records(records: object, model: Model, field: str):
     return to_matrix(reorder(rows, order, len(names), field), model, max_rows(), field)
 
 
-def _from_csv(data: bytes, model: Model):
-    """A CSV body (what pandas' to_csv(index=False) writes): a header row of column names, then rows of numbers."""
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first column's name
-    except UnicodeDecodeError:
-        raise invalid("The CSV body is not valid UTF-8.") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        # Blank lines are skipped, as pandas' read_csv (MLflow's parser) skips them.
-        lines = (row for row in reader if row)
-        header = [name.strip() for name in next(lines, [])]
-        if not header:
-            raise invalid("The CSV body is empty; send a header row of column names, then one row per line.")
-        if model.feature_names and all(_NUMBER.fullmatch(name) for name in header):
-            # Said before naming the header's "columns": they are values, and messages never quote values.
-            raise invalid(f"The CSV body's first line must be a header row naming the columns: {_expected(model)}")
-        rows = [_csv_row(row, header, reader.line_num) for row in lines]
-    except csv.Error:
-        raise invalid(f"The CSV body could not be parsed at line {reader.line_num} (check its quoting).") from None
-    if not rows:
-        raise invalid("The CSV body has a header row but no data rows; send one row of numbers per line after it.")
-    order = column_order(header, model, "the CSV header")
-    return to_matrix(reorder(rows, order, len(header), "text/csv"), model, max_rows(), "text/csv")
-
-
-def _csv_row(row: list[str], header: list[str], line: int) -> list[float]:
-    """One CSV line's cells as finite numbers, or a 400 naming its line and column (never the cell)."""
-    if len(row) != len(header):
-        raise invalid(f"CSV line {line} has {len(row)} cells; the header names {len(header)} columns")
-    values = []
-    for name, cell in zip(header, row):
-        cell = cell.strip()
-        value = float(cell) if _NUMBER.fullmatch(cell) else math.nan
-        if not math.isfinite(value):
-            raise invalid(f"CSV line {line}, column {field_name(name)}: not a finite number")
-        values.append(value)
-    return values
-
-
-def _expected(model: Model) -> str:
-    """The model's feature names, comma-separated."""
-    return ",".join(model.feature_names or ())
-
-
 def _wants_proba(params: object, model: Model) -> bool:
     """Whether params ask for predict_proba: MLflow's convention {"predict_method": "predict" | "predict_proba"}."""
     if params is None:
@@ -323,43 +273,16 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     single = endpoint == "mlflow.invocations"
     schema = one_of_models([_request_schema(m, config["MAX_ROWS"]) for m in models.values()])
     body = json_body(schema, {key: _json_example(m) for key, m in models.items()}, single)
-    csv_schema = one_of_models([_csv_schema(m, config["MAX_ROWS"]) for m in models.values()])
-    csv_examples = {key: _csv_example(m) for key, m in models.items()}
-    body["content"] |= json_body(csv_schema, csv_examples, single, "text/csv")["content"]
+    body["content"] |= csv_content(models, config["MAX_ROWS"], single)
     ok = predict_answer(
         "One prediction per row (with predict_proba, each row's class probabilities in class order).", _RESPONSE
     )
     return {"requestBody": body, "ok": ok, "statuses": PREDICT_STATUSES}
 
 
-def _column_labels(model: Model) -> list:
-    """The model's feature names, or the labels pandas gives an unnamed DataFrame's columns (0, 1, ...)."""
-    return list(model.feature_names) if model.feature_names else list(range(model.n_features))
-
-
 def _json_example(model: Model) -> dict:
     """A sample row as MLflow's client sends a DataFrame: dataframe_split."""
-    return {"dataframe_split": {"columns": _column_labels(model), "data": [model.sample_row]}}
-
-
-def _csv_example(model: Model) -> str:
-    """A sample row as pandas' to_csv(index=False) writes it."""
-    header = ",".join(map(str, _column_labels(model)))
-    return f"{header}\n{','.join(map(repr, model.sample_row))}\n"
-
-
-def _csv_schema(model: Model, max_rows: int) -> dict:
-    """A CSV body as a pattern: the header in the model's column order, then rows of plain decimal numbers. The
-    columns may come in any order; a pattern can only say one of them."""
-    # Exponents of at most two digits keep every matching number inside float64 (a 1e400 cell is a 400).
-    number = r"[+-]?(?:\d{1,17}\.?\d{0,17}|\.\d{1,17})(?:[eE][+-]?\d{1,2})?"
-    row = number + f"(?:,{number}){{{model.n_features - 1}}}"
-    header = ",".join(re.escape(str(label)) for label in _column_labels(model))
-    return {
-        "type": "string",
-        "description": "A header row of column names (any order), then one row of numbers per line.",
-        "pattern": f"^{header}\r?\n{row}(?:\r?\n{row}){{0,{max_rows - 1}}}\r?\n?$",
-    }
+    return {"dataframe_split": {"columns": column_labels(model), "data": [model.sample_row]}}
 
 
 def _request_schema(model: Model, max_rows: int) -> dict:

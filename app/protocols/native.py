@@ -7,6 +7,7 @@ from app import errors
 from app.auth import auth
 from app.openapi import (
     PREDICT_STATUSES,
+    csv_content,
     instance_schema,
     json_body,
     models_for,
@@ -15,9 +16,20 @@ from app.openapi import (
     request_object,
     row_schema,
 )
-from app.protocols import cache_headers, default_model, json_response, log_model, max_rows, read_json, registry, run
+from app.protocols import (
+    cache_headers,
+    default_model,
+    json_response,
+    log_model,
+    max_rows,
+    read_body,
+    read_json,
+    registry,
+    run,
+    utf8_only,
+)
 from app.registry import Model, Registry
-from app.validation import field_name, invalid, to_matrix
+from app.validation import field_name, from_csv, invalid, to_matrix
 
 bp = Blueprint("native", __name__)
 # This protocol's errors (its own and Werkzeug's raised in its views) render in Sibyl's one JSON shape. A protocol
@@ -28,6 +40,10 @@ errors.register_handlers(bp)
 # "data" is the key a widely copied Flask tutorial sends; it means what "features" means.
 _FIELDS = ("features", "instances", "data")
 _KEYS = {*_FIELDS, "probabilities"}
+_MEDIA = (
+    "Send the rows as JSON (Content-Type: application/json), or as CSV with a header row (Content-Type: text/csv, "
+    "probabilities as ?probabilities=true)."
+)
 
 
 @bp.post("/predict")
@@ -75,14 +91,21 @@ def model_version(name: str, version: str) -> Response:
 
 
 def _predict(model: Model) -> Response:
-    """Predict every row of the body with model; add class probabilities when asked."""
+    """Predict every row of the body (JSON, or CSV with a header row) with model; add class probabilities when
+    asked."""
     log_model(model)
-    body = read_json()
-    field = _rows_field(body)
-    proba = _wants_probabilities(body)
+    if request.mimetype == "text/csv":
+        # A file as it is: `curl --data-binary @rows.csv`, or the web page's batch tab.
+        utf8_only()
+        X, proba = from_csv(read_body(), model, max_rows()), _wants_probabilities({})
+    else:
+        body = read_json(_MEDIA)
+        field = _rows_field(body)
+        proba = _wants_probabilities(body)
+        X = to_matrix(body[field], model, max_rows(), field)
     if proba and not model.has_proba:
         raise invalid(f"model {model.name} is a {model.task} model and gives no probabilities; drop 'probabilities'")
-    result = run(model, to_matrix(body[field], model, max_rows(), field), proba)
+    result = run(model, X, proba)
     answered = {"name": result.model.name, "version": result.model.version}
     payload = {"predictions": result.predictions, "model": answered}
     if result.probabilities is not None:
@@ -109,6 +132,8 @@ def _wants_probabilities(body: dict) -> bool:
         raise invalid("'probabilities' must be true or false")
     arg = request.args.get("probabilities", "") if request.query_string else ""
     try:
+        if arg != arg.strip():  # the documented pattern has no spaces (and a schema's \s is not Python's)
+            raise ValueError(arg)
         # The words every Sibyl setting takes (config.flag); an empty ?probabilities= reads as absent.
         return flag or (config.flag(arg) if arg else False)
     except ValueError:
@@ -125,12 +150,30 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     models = models_for(_ROUTES[endpoint], registry)
     schema = one_of_models([_request_schema(m, config["MAX_ROWS"]) for m in models.values()])
     examples = {key: {"features": [m.sample_row]} for key, m in models.items()}
+    single = endpoint == "native.predict"
+    body = json_body(schema, examples, single)
+    body["content"] |= csv_content(models, config["MAX_ROWS"], single)
     ok = predict_answer("One prediction per row, and which model version answered.", _PREDICT_RESPONSE)
-    return {
-        "requestBody": json_body(schema, examples, single=endpoint == "native.predict"),
-        "ok": ok,
-        "statuses": PREDICT_STATUSES,
-    }
+    return {"requestBody": body, "ok": ok, "statuses": PREDICT_STATUSES, "parameters": [_PROBABILITIES_PARAMETER]}
+
+
+# The words config.flag reads, in any case; an empty value reads as absent.
+_FLAG_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
+
+
+def _any_case(word: str) -> str:
+    """A regular expression matching word in any case (JSON Schema's patterns have no case-insensitive flag)."""
+    return "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in word)
+
+
+# The query's switch: the one way a CSV body asks for probabilities (a JSON body may say it in the body too).
+_PROBABILITIES_PARAMETER = {
+    "name": "probabilities",
+    "in": "query",
+    "required": False,
+    "description": "Add each row's class probabilities (true/false, 1/0, yes/no, on/off).",
+    "schema": {"type": "string", "pattern": f"^(?:{'|'.join(map(_any_case, _FLAG_WORDS))})?$"},
+}
 
 
 def _request_schema(model: Model, max_rows: int) -> dict:
