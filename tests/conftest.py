@@ -34,6 +34,11 @@ USERS = (
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
 
 
+def iris_settings(iris_path: Path) -> dict:
+    """The settings every test app and server starts from: the demo model, the test users, no cache."""
+    return {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""}
+
+
 def fitted_on_names(estimator, names: list[str]):
     """Mark a fitted estimator as fitted on a DataFrame with these columns: the one attribute scikit-learn keeps
     from such a fit (pandas is not installed here)."""
@@ -176,9 +181,7 @@ def make_app(iris_path):
     """create_app with test settings: the iris model, one known user, no cache unless a Redis URL is given."""
 
     def make(**overrides):
-        config = {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "REDIS_URL": "", "SIBYL_USERS_FILE": ""}
-        config.update(overrides)
-        return create_app(config)
+        return create_app({**iris_settings(iris_path), **overrides})
 
     return make
 
@@ -252,7 +255,7 @@ def started(make):
 @pytest.fixture
 def live_server(tmp_path, iris_path):
     """Factory: live_server(env={...}, workers=2) starts gunicorn serving iris; all are stopped at teardown."""
-    base = {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""}
+    base = iris_settings(iris_path)
     base["WORKER_CLASS"] = "sync"  # the default, whatever the caller exported: held_predict relies on it
     yield from started(lambda env=None, workers=2: LiveServer(tmp_path, {**base, **(env or {})}, workers))
 

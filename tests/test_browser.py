@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import requests
-from conftest import ADMIN, ADMIN_KEY, KEY, ROOT, USER, USERS, LiveServer, basic_auth
+from conftest import ADMIN, ADMIN_KEY, KEY, ROOT, USER, LiveServer, basic_auth, iris_settings
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect, sync_playwright
 
@@ -37,8 +37,8 @@ FAILED_LOAD = re.compile(r"Failed to load resource: (?:the server responded with
 
 def start_server(tmp_path_factory, iris_path, **env: str) -> LiveServer:
     """Gunicorn serving the demo model with the test users, as conftest's live_server does, for a whole module."""
-    base = {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""}
-    return LiveServer(tmp_path_factory.mktemp("page"), {**base, "WORKER_CLASS": "sync", **env}, workers=2).start()
+    settings = {**iris_settings(iris_path), "WORKER_CLASS": "sync", **env}
+    return LiveServer(tmp_path_factory.mktemp("page"), settings, workers=2).start()
 
 
 @pytest.fixture(scope="module")

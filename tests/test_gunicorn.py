@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, USERS, LiveServer, basic_auth
+from conftest import ROOT, USERS, LiveServer, basic_auth, iris_settings
 
 
 @pytest.mark.parametrize(
@@ -63,8 +63,7 @@ def test_worker_default_follows_the_affinity_mask():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, iris_path):
     """One live gunicorn (one sync worker, text logs) for the raw-socket tests below."""
-    env = {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""}
-    env.update(WORKER_CLASS="sync", LOG_FORMAT="text")
+    env = {**iris_settings(iris_path), "WORKER_CLASS": "sync", "LOG_FORMAT": "text"}
     live = LiveServer(tmp_path_factory.mktemp("gunicorn"), env, workers=1).start()
     yield live
     live.stop()
