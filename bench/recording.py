@@ -15,6 +15,7 @@ def main(model_path: str, backend: str) -> None:
     # Set before prometheus_client is imported (by the app), as gunicorn.conf.py does for the workers.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="sibyl-bench-metrics-")
     import numpy as np
+    from flask import g
 
     from app import create_app, pipeline
 
@@ -38,6 +39,7 @@ def main(model_path: str, backend: str) -> None:
         return round(statistics.median(rounds), 2)
 
     with app.test_request_context("/predict", method="POST"):
+        g.log = {"model": model.name, "version": model.version}  # what request_log and log_model leave for a predict
         now = perf_counter()
         request_us = per_call(lambda: metrics.request_done(200, 0.001, now, cache))
         prediction_us = per_call(lambda: metrics.prediction(result, 1, cache))

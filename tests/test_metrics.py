@@ -2,6 +2,7 @@
 across a worker's replacement; behind the admin or metrics role, or alone on METRICS_BIND without auth."""
 
 import hashlib
+import json
 import os
 import signal
 import stat
@@ -395,3 +396,14 @@ def test_live_metrics_bind_serves_metrics_alone_without_auth(live_server):
         assert public.status_code == 404 and public.json()["error"]["code"] == "not_found"
     for path in ("/predict", "/health", "/openapi.json"):
         assert requests.get(private + path, headers=ADMIN_AUTH, timeout=10).status_code == 404
+
+
+def test_bench_measures_the_recording_calls_as_a_predict_request_makes_them(iris_path):
+    """make bench's recording probe (bench/recording.py) runs the metrics calls of a predict request, labels and all,
+    and reports each one's cost; it broke once when the request metrics took model labels, and only make bench knew."""
+    args = [sys.executable, "-m", "bench.recording", str(iris_path), "auto"]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"request_us", "prediction_us", "drift_1_row_us"}
+    assert all(v > 0 for v in figures.values())
