@@ -80,6 +80,7 @@ done
 echo "sibyl: serving $MODEL on http://$BIND   (Ctrl-C stops it)"
 echo "sibyl: try it:"
 $PY -m app.cli curl "${CURL_ARGS[@]}" --url "http://$BIND" --user "$CRED"
+echo "sibyl: or open http://$BIND/ in a browser and sign in as ${CRED%%:*} with that key"
 status=0
 wait "$GUNICORN" || status=$?
 exit "$status"

@@ -107,6 +107,11 @@ def test_make_run_prints_a_working_curl_for_the_served_model(run_env, tmp_path, 
         truth = {"request_id": answer.headers["X-Request-ID"], "truth": [answer.json()["predictions"][0] + 1]}
         joined = requests.post(url + "/feedback", json=truth, headers=sent, timeout=10)
         assert joined.status_code == 200 and joined.json()["window"]["mae"] == 1.0, (joined.json(), run.output())
+        # The web page it points browsers at: the printed address, with the demo user, whose status tab works too.
+        page = re.search(r"or open (\S+) in a browser and sign in as (\S+) with that key", run.wait_for("that key"))
+        assert page and page[2] == user
+        assert requests.get(page[1], headers=sent, timeout=10).headers["Content-Type"].startswith("text/html")
+        assert requests.get(page[1] + "status", headers=sent, timeout=10).json()["models"][0]["name"] == "prices"
     finally:
         assert run.interrupt() in (0, 130, -signal.SIGINT)
 
