@@ -46,15 +46,15 @@ def choice(*allowed: str) -> Callable:
     return parse
 
 
-_FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+FLAGS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def flag(raw: object) -> bool:
     """A boolean: True/False, or 1/0, true/false, yes/no, on/off in any case."""
     if isinstance(raw, bool):
         return raw
-    if isinstance(raw, str) and raw.strip().lower() in _FLAGS:
-        return _FLAGS[raw.strip().lower()]
+    if isinstance(raw, str) and raw.strip().lower() in FLAGS:
+        return FLAGS[raw.strip().lower()]
     raise ValueError("must be true or false (a bool, or 1/0, true/false, yes/no, on/off)")
 
 

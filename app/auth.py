@@ -41,10 +41,9 @@ _DUMMY = hashlib.sha256(b"sibyl-no-such-user").digest()
 # Prometheus scrape key that cannot manage models).
 ROLES = ("predict", "admin", "metrics")
 # What a 403 says each route needs; routes not listed need admin.
-_NEEDS = {
-    endpoint: ("the admin or metrics role", ":admin or :metrics", "metrics")
-    for endpoint in ("metrics.metrics", "status.status")
-}
+# The routes that serve the metrics (GET /metrics, and GET /status's reading of them): admin or metrics role.
+METRICS_ENDPOINTS = frozenset({"metrics.metrics", "status.status"})
+_NEEDS = dict.fromkeys(METRICS_ENDPOINTS, ("the admin or metrics role", ":admin or :metrics", "metrics"))
 _NEEDS_ADMIN = ("the admin role", ":admin", "admin")
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 

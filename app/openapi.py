@@ -6,6 +6,7 @@ import sys
 
 from flask import Blueprint, Flask, Response, current_app, url_for
 
+from app.auth import METRICS_ENDPOINTS
 from app.protocols import json_response
 from app.registry import Model, Registry
 
@@ -21,8 +22,6 @@ PUBLIC = frozenset({"health.health", "health.ready", "openapi.spec", "openapi.do
 # The version of this API's contract (info.version); a protocol that reports a version reports this one.
 API_VERSION = "1"
 _ADMIN_PREFIX = "admin."
-# Routes that need a role beyond predict, besides the admin ones.
-_ROLE_ENDPOINTS = frozenset({"metrics.metrics", "status.status"})
 # Endpoints that serve files, not API operations: the static files, and the web page (for browsers, not API clients).
 _NOT_OPERATIONS = frozenset({"static", "page.index"})
 _METHODS = ("get", "post", "put", "patch", "delete")
@@ -134,7 +133,7 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
     if endpoint not in PUBLIC and endpoint not in getattr(protocol, "PUBLIC", ()):
         op["security"] = [{"basic": []}, {"bearer": []}]
         statuses.append(401)
-    if endpoint.startswith(_ADMIN_PREFIX) or endpoint in _ROLE_ENDPOINTS:
+    if endpoint.startswith(_ADMIN_PREFIX) or endpoint in METRICS_ENDPOINTS:
         statuses.append(403)
     if rule.arguments:
         statuses += [404, 503] if "version" in rule.arguments else [404]

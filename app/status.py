@@ -28,13 +28,13 @@ def status() -> Response:
 
 def summarize(families: list, versions: list[tuple[str, str]]) -> list[dict]:
     """The figures of each (model, version) served, read from Prometheus metric families."""
-    samples = defaultdict(list)  # sample name -> [(labels, value)]
+    samples = defaultdict(list)  # (sample name, model, version) -> [(labels, value)]
     for family in families:
-        for sample in family.samples:
-            samples[sample.name].append((sample.labels, sample.value))
+        for s in family.samples:
+            samples[s.name, s.labels.get("model"), s.labels.get("version")].append((s.labels, s.value))
 
     def of(name: str, model: str, version: str) -> list[tuple[dict, float]]:
-        return [(lb, v) for lb, v in samples[name] if lb.get("model") == model and lb.get("version") == version]
+        return samples.get((name, model, version), [])
 
     out = []
     for model, version in versions:

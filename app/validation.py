@@ -46,7 +46,7 @@ def to_matrix(rows: object, model: Model, max_rows: int, field: str = "features"
             raise invalid(f"{field}[{i}] has {len(row)} values; the model expects {n}{_names(model)}")
         if not _NUMBERS.issuperset(map(type, row)):
             j = next(j for j, v in enumerate(row) if type(v) not in _NUMBERS)
-            where = f"{field}[{i}][{model.feature_names[j]!r}]" if named else f"{field}[{i}][{j}]"
+            where = f"{field}[{i}]{_feature(model, j)}" if named else f"{field}[{i}][{j}]"
             raise invalid(f"{where} is {_kind(row[j])}; every value must be a finite number")
         ordered.append(row)
     try:

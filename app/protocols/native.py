@@ -157,22 +157,19 @@ def openapi_operation(endpoint: str, method: str, registry: Registry, config) ->
     return {"requestBody": body, "ok": ok, "statuses": PREDICT_STATUSES, "parameters": [_PROBABILITIES_PARAMETER]}
 
 
-# The words config.flag reads, in any case; an empty value reads as absent.
-_FLAG_WORDS = ("true", "false", "1", "0", "yes", "no", "on", "off")
-
-
 def _any_case(word: str) -> str:
     """A regular expression matching word in any case (JSON Schema's patterns have no case-insensitive flag)."""
     return "".join(f"[{c.upper()}{c}]" if c.isalpha() else c for c in word)
 
 
-# The query's switch: the one way a CSV body asks for probabilities (a JSON body may say it in the body too).
+# The query's switch: the one way a CSV body asks for probabilities (a JSON body may say it in the body too). Its
+# words are config.flag's, in any case; an empty value reads as absent.
 _PROBABILITIES_PARAMETER = {
     "name": "probabilities",
     "in": "query",
     "required": False,
     "description": "Add each row's class probabilities (true/false, 1/0, yes/no, on/off).",
-    "schema": {"type": "string", "pattern": f"^(?:{'|'.join(map(_any_case, _FLAG_WORDS))})?$"},
+    "schema": {"type": "string", "pattern": f"^(?:{'|'.join(map(_any_case, config.FLAGS))})?$"},
 }
 
 
