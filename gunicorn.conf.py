@@ -3,6 +3,7 @@
 import glob
 import os
 import shutil
+import ssl
 import tempfile
 
 from gunicorn import util
@@ -66,6 +67,33 @@ if metrics_bind := from_env("METRICS_BIND", "", metrics_address):
     if metrics_bind.rpartition(":")[2] == bind.rpartition(":")[2]:
         raise SystemExit(f"sibyl: cannot start: METRICS_BIND={metrics_bind!r} must use another port than BIND")
     bind = [bind, metrics_bind]
+
+
+def tls_file(raw: str) -> str:
+    """Empty (no TLS), or a file this process can read: a PEM certificate chain or its key."""
+    if raw and not (os.path.isfile(raw) and os.access(raw, os.R_OK)):
+        raise ValueError("must be empty or a readable file")
+    return raw
+
+
+# TLS_CERT_FILE and TLS_KEY_FILE (both or neither): HTTPS on every listener, METRICS_BIND's too, for a network where
+# no proxy terminates TLS. Python's defaults apply: TLS 1.2 and 1.3, forward-secret ciphers.
+tls_cert = from_env("TLS_CERT_FILE", "", tls_file)
+tls_key = from_env("TLS_KEY_FILE", "", tls_file)
+if bool(tls_cert) != bool(tls_key):
+    given, missing = ("TLS_CERT_FILE", "TLS_KEY_FILE") if tls_cert else ("TLS_KEY_FILE", "TLS_CERT_FILE")
+    raise SystemExit(f"sibyl: cannot start: {missing} must be set too: {given} alone serves no TLS")
+if tls_cert:
+    # gunicorn loads the pair only when a connection arrives, in a worker: a bad pair would fail every handshake
+    # of a server that looked started. Loaded once here, it stops startup instead. (An encrypted key is refused:
+    # gunicorn has no way to be given its passphrase.)
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls_cert, tls_key, password=b"")
+    except ssl.SSLError:
+        raise SystemExit(
+            "sibyl: cannot start: TLS_CERT_FILE and TLS_KEY_FILE must hold a PEM certificate and its unencrypted key"
+        ) from None
+    certfile, keyfile = tls_cert, tls_key
 
 # Prediction is CPU-bound and holds the GIL, so one process per usable core is the throughput sweet spot.
 # Usable, not present: a container limited to 2 CPUs on a 64-core host must not fork 64 workers.

@@ -33,6 +33,7 @@ def create_app(config: dict | None = None) -> Flask:
         local_entries=app.config["CACHE_LOCAL_ENTRIES"],
         local_bytes=app.config["CACHE_LOCAL_BYTES"],
         per_user=app.config["CACHE_SCOPE"] == "user",
+        cluster=app.config["REDIS_CLUSTER"],
     )
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
     from app import admin, feedback, health, openapi, page, status

@@ -13,8 +13,19 @@ import numpy as np
 import orjson
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import NoPermissionError
+from redis.cluster import PipelineCommand, RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterCrossSlotError,
+    ClusterDownError,
+    NoPermissionError,
+    RedisClusterException,
+    TryAgainError,
+)
 from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from config import SENTINEL_SCHEMES, sentinel_url
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +42,13 @@ _HEAD = len(b"1733090000123 ")
 # The stored value's format, in every key: replicas of another Sibyl release (a rolling upgrade) keep separate
 # entries instead of overwriting each other's as unreadable.
 _FORMAT = "v2"
+
+# What a failed Redis call raises: redis-py's errors, socket errors, and the cluster client's own exception (no node
+# reachable, a slot no node serves), which is not a RedisError.
+_FAILURES = (redis.RedisError, OSError, RedisClusterException)
+# Cluster replies that are ResponseErrors but say the cluster's layout changed (MOVED, ASK, TRYAGAIN), it is down, or
+# a command spans slots (a plain client on a cluster node): the cache is out of reach, not refusing writes.
+_LAYOUT = (AskError, TryAgainError, ClusterDownError, ClusterCrossSlotError)
 
 
 class _Breaker:
@@ -78,8 +96,13 @@ class PredictionCache:
         local_entries: int = 0,
         local_bytes: int = 64 * 1024 * 1024,
         per_user: bool = False,
+        cluster: bool = False,
     ) -> None:
         self.url = url
+        # REDIS_CLUSTER: url names one node of a Redis Cluster; each row's key goes to its slot's node.
+        self.cluster = cluster
+        # redis+sentinel:// (config.sentinel_url): Sentinels name the primary each new connection goes to.
+        self.sentinel = url.startswith(SENTINEL_SCHEMES)
         self.ttl = ttl
         self.prefix = prefix
         self._head = f"{prefix}{_FORMAT}:"  # every key's start, built once
@@ -91,8 +114,9 @@ class PredictionCache:
         # writes (OOM under noeviction, a READONLY replica), where cached reads are still worth having.
         self._conn = _Breaker(retry_seconds)
         self._writes = _Breaker(retry_seconds)
-        self._client: redis.Redis | None = None
+        self._client: redis.Redis | RedisCluster | None = None
         self._pid: int | None = None
+        self._relayout = False  # a cluster call failed: read the cluster's layout again before the next
         # This worker's own copy of recent answers, so a repeated row costs no round trip. An answer is a pure
         # function of its key (model sha256, backend, kind, row), so a local copy is never wrong, only kept
         # no longer than Redis keeps it. Bounded in entries and in bytes (keys and stored values): a 1,000-class
@@ -214,12 +238,14 @@ class PredictionCache:
                 self._local_size -= len(key) + len(raw)
 
     def get_many(self, keys: list[str]) -> list[bytes | None] | None:
-        """Stored values in key order in one MGET, or None when Redis can't be used."""
+        """Stored values in key order in one MGET (on a cluster, a GET per key, one write and one read per node), or
+        None when Redis can't be used."""
         if not self.usable():
             return None
         try:
-            values = self._redis().mget(keys)
-        except (redis.RedisError, OSError) as e:
+            client = self._redis()
+            values = _on_their_nodes(client, [("GET", key) for key in keys]) if self.cluster else client.mget(keys)
+        except _FAILURES as e:
             self._failed(self._conn, e)
             return None
         self._succeeded(self._conn)
@@ -227,20 +253,21 @@ class PredictionCache:
 
     def set_many(self, items: list[tuple[str, bytes]]) -> None:
         """Store encoded answers with the TTL and wait for Redis's reply, so the next request on any worker finds
-        them: one SET for a row, one EVAL of _STORE_SCRIPT for a batch. Failures only open a breaker. store()
-        checks, before encoding, that there is something to send and that Redis may be used now."""
+        them: one SET for a row, one EVAL of _STORE_SCRIPT for a batch (on a cluster, whose script could only touch
+        one slot, a SET per row, one write and one read per node). Failures only open a breaker. store() checks,
+        before encoding, that there is something to send and that Redis may be used now."""
         try:
-            if len(items) == 1:
+            client = self._redis()
+            if self.cluster:
+                _on_their_nodes(client, [("SET", key, value, "EX", self.ttl) for key, value in items])
+            elif len(items) == 1:
                 ((key, value),) = items
-                self._redis().set(key, value, ex=self.ttl)
+                client.set(key, value, ex=self.ttl)
             else:
                 keys, values = zip(*items)
-                self._redis().eval(_STORE_SCRIPT, len(keys), *keys, self.ttl, *values)
-        except redis.ResponseError as e:  # Redis answered, but refused the write (OOM, READONLY)
-            self._failed(self._writes, e)
-            return
-        except (redis.RedisError, OSError) as e:
-            self._failed(self._conn, e)
+                client.eval(_STORE_SCRIPT, len(keys), *keys, self.ttl, *values)
+        except _FAILURES as e:
+            self._failed(self._writes if _refused(e) else self._conn, e)
             return
         self._succeeded(self._conn)
         self._succeeded(self._writes)
@@ -252,69 +279,107 @@ class PredictionCache:
             return False, None
         try:
             result = command(self._redis())
-        except redis.ResponseError as e:  # Redis answered, but refused (OOM, READONLY)
-            self._failed(self._writes, e)
-            return False, None
-        except (redis.RedisError, OSError) as e:
-            self._failed(self._conn, e)
+        except _FAILURES as e:
+            self._failed(self._writes if _refused(e) else self._conn, e)
             return False, None
         self._succeeded(self._conn)
         return True, result
 
     def round_trip(self, probes: int = 15) -> float | None:
-        """Seconds one Redis round trip takes here (the median PING), or None when Redis can't be used now."""
+        """Seconds one Redis round trip takes here (the median PING; on a cluster, of one node, as a batch's
+        commands go to its nodes side by side), or None when Redis can't be used now."""
+        one_node = {"target_nodes": RedisCluster.DEFAULT_NODE} if self.cluster else {}
         times = []
         for _ in range(probes):
             if not self.usable():
                 return None
             start = time.perf_counter()
             try:
-                self._redis().ping()
-            except (redis.RedisError, OSError) as e:
+                self._redis().ping(**one_node)
+            except _FAILURES as e:
                 self._failed(self._conn, e)
                 return None
             times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2]
 
     def check(self) -> str:
-        """Probe Redis for /ready (respecting the back-off) and return the state."""
+        """Probe Redis for /ready (respecting the back-off; on a cluster, every node) and return the state."""
         if self.usable():
             try:
                 self._redis().ping()
                 self._succeeded(self._conn)
-            except (redis.RedisError, OSError) as e:
+            except _FAILURES as e:
                 self._failed(self._conn, e)
         return self.state
 
-    def _redis(self) -> redis.Redis:
+    def _redis(self) -> redis.Redis | RedisCluster:
         """This process's client; made after fork, so workers never share a socket. Any failure to set it up
-        (a URL redis-py refuses, a bad TLS option) is a redis.ConnectionError: the cache is down, not the request."""
+        (a URL redis-py refuses, a bad TLS option, no cluster node answering) is a redis.ConnectionError: the cache
+        is down, not the request. A cluster client reads the cluster's layout (which node serves which slots) as it
+        is made, and again after a failure, from any node it knows (so not only REDIS_URL's)."""
+        if self._relayout and self._pid == os.getpid():
+            self._client.nodes_manager.initialize()
+            self._relayout = False
         if self._pid != os.getpid():
+            options = {
+                "socket_timeout": self.timeout,
+                "socket_connect_timeout": self.timeout,
+                # No retries: one timeout per breaker period is all a dead Redis may cost. (A connection the
+                # server closed while idle is still replaced at once: the pool checks it before use.)
+                "retry": Retry(NoBackoff(), 0),
+                "health_check_interval": 0,
+            }
             try:
-                self._client = redis.Redis.from_url(
-                    self.url,
-                    socket_timeout=self.timeout,
-                    socket_connect_timeout=self.timeout,
-                    # No retries: one timeout per breaker period is all a dead Redis may cost. (A connection
-                    # the server closed while idle is still replaced at once: the pool checks it before use.)
-                    retry=Retry(NoBackoff(), 0),
-                    health_check_interval=0,
-                )
+                if self.sentinel:
+                    # Each new connection asks the Sentinels in turn (each within the timeout) which server is the
+                    # primary. A failed call closes its connection, so the probe after a back-off asks again: a
+                    # failover (or an old primary now a replica, whose READONLY redis-py reports as a connection
+                    # error) is an outage until the Sentinels name the new primary.
+                    sentinels, name, primary, own = sentinel_url(self.url)
+                    self._client = Sentinel(sentinels, sentinel_kwargs={**options, **own}).master_for(
+                        name, **{**options, **primary}
+                    )
+                else:
+                    self._client = (RedisCluster if self.cluster else redis.Redis).from_url(self.url, **options)
             except Exception as e:
                 raise redis.ConnectionError(f"cannot set up a Redis connection: {_describe(e)}") from e
-            self._pid = os.getpid()
+            self._pid, self._relayout = os.getpid(), False
         return self._client
 
     def _failed(self, breaker: _Breaker, e: Exception) -> None:
         """Open a breaker with a coarse reason, logging only the transition, with the detail."""
+        if self.cluster and breaker is self._conn:
+            # Redirections are not followed (_on_their_nodes): the probe after the back-off reads the layout again,
+            # so after a failover or a resharding it asks the nodes that serve now.
+            self._relayout = True
         if breaker.failed(_reason(e) if breaker is self._conn else "read-only"):
             what = "cache down, serving uncached" if breaker is self._conn else "cache writes refused, not storing"
-            log.warning("%s; retrying every %.0fs: %s", what, breaker.seconds, _describe(e))
+            detail = _describe(e)
+            if not self.cluster and isinstance(e, AskError | ClusterCrossSlotError):
+                detail += "; REDIS_URL names a Redis Cluster node: set REDIS_CLUSTER=true"
+            log.warning("%s; retrying every %.0fs: %s", what, breaker.seconds, detail)
 
     def _succeeded(self, breaker: _Breaker) -> None:
         """Close a breaker, logging only the recovery."""
         if breaker.succeeded():
             log.warning("cache back up, caching resumed" if breaker is self._conn else "cache writes accepted again")
+
+
+def _on_their_nodes(client: RedisCluster, commands: list[tuple]) -> list:
+    """Run one-key commands (the key second) as one cluster pipeline, each on the node serving its key's slot: one
+    write and one read per node, the nodes side by side; the replies in command order, or the first error raised.
+
+    Redirections (MOVED, ASK) and connection errors are not retried: redis-py would resend each failed command
+    alone, one CACHE_TIMEOUT_MS each behind a hung node (5.5 s for a 300-row batch at 50 ms, measured). A failure
+    opens the breaker like any Redis outage, and the probe after the back-off reads the cluster's layout again."""
+    node = client.get_node_from_key
+    stack = [PipelineCommand(args, {"target_nodes": node(args[1])}, i) for i, args in enumerate(commands)]
+    return client.pipeline().send_cluster_commands(stack, allow_redirections=False)
+
+
+def _refused(e: Exception) -> bool:
+    """Whether Redis answered but refused the command (OOM, READONLY, NOPERM), rather than being out of reach."""
+    return isinstance(e, redis.ResponseError) and not isinstance(e, _LAYOUT)
 
 
 def _decode(raw: bytes) -> tuple[float, object]:

@@ -459,7 +459,12 @@ def _placed(root: Path, artifact: Path) -> tuple[str, str] | None:
 @click.option("--name", help="With --model-dir: the model (default: the only one, else the first by name).")
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Where Sibyl listens.")
 @click.option("--user", "credentials", default="USER:KEY", show_default=True, help="user:key for basic auth.")
-def curl(artifact: str | None, model_dir: str | None, name: str | None, url: str, credentials: str) -> None:
+@click.option(
+    "--cacert", type=click.Path(dir_okay=False), help="A certificate curl is to trust (HTTPS with TLS_CERT_FILE)."
+)
+def curl(
+    artifact: str | None, model_dir: str | None, name: str | None, url: str, credentials: str, cacert: str | None
+) -> None:
     """Print a curl command that predicts a sample row of a model, built from its metadata (nothing unpickled)."""
     if (artifact is None) == (model_dir is None):
         raise click.UsageError("give an ARTIFACT or --model-dir, not both")
@@ -487,7 +492,8 @@ def curl(artifact: str | None, model_dir: str | None, name: str | None, url: str
     instance = dict(zip(names, row)) if names else row
     body = json.dumps({"instances": [instance]})
     click.echo(
-        f"  curl -u {shlex.quote(credentials)} -X POST -H 'Content-Type: application/json' \\\n"
+        f"  curl -u {shlex.quote(credentials)}{f' --cacert {shlex.quote(cacert)}' if cacert else ''}"
+        " -X POST -H 'Content-Type: application/json' \\\n"
         f"    -d {shlex.quote(body)} {url}{route}"
     )
 

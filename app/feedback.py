@@ -56,16 +56,22 @@ _JOINED = b"joined"
 # A request id as the documented schema's pattern reads it: JSON Schema searches, and "$" also matches before a
 # final newline, so what the schema allows is never a 400 here (such an id was never answered: 404).
 _ID = re.compile(f"^{REQUEST_ID.pattern}$")
-# KEYS: the predictions, the tombstone, the version's window; ARGV: the window's size, then the outcomes. The claim
-# (DEL) and the push are one step, so two posts for one request never both count, and a worker dying between them
-# loses nothing. Returns the window after the push, or false when another post claimed the request first.
-_JOIN_SCRIPT = """
-if redis.call('DEL', KEYS[1]) == 0 then return false end
-redis.call('SET', KEYS[2], 'joined', 'KEEPTTL')
-for i = 2, #ARGV do redis.call('LPUSH', KEYS[3], ARGV[i]) end
-redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[1]) - 1)
-return redis.call('LRANGE', KEYS[3], 0, -1)
+# The push: KEYS' last is the version's window; ARGV: the window's size, then the outcomes. Returns the window.
+_PUSH_SCRIPT = """
+for i = 2, #ARGV do redis.call('LPUSH', KEYS[#KEYS], ARGV[i]) end
+redis.call('LTRIM', KEYS[#KEYS], 0, tonumber(ARGV[1]) - 1)
+return redis.call('LRANGE', KEYS[#KEYS], 0, -1)
 """
+# KEYS: the predictions, the tombstone, the version's window; ARGV as the push's. The claim (DEL) and the push are
+# one step, so two posts for one request never both count, and a worker dying between them loses nothing. Returns
+# the window after the push, or false when another post claimed the request first. (A Redis Cluster runs a script
+# only on keys of one slot: there the claim and the push are separate commands, see FeedbackStore.join.)
+_JOIN_SCRIPT = (
+    """
+if redis.call('DEL', KEYS[1]) == 0 then return false end
+redis.call('SET', KEYS[2], 'joined', 'KEEPTTL')"""
+    + _PUSH_SCRIPT
+)
 
 
 def _digest(user: str | None) -> str:
@@ -89,6 +95,7 @@ def store_for(config: dict, cache: PredictionCache) -> "FeedbackStore":
             config["CACHE_PREFIX"],
             config["CACHE_TIMEOUT_MS"],
             config["CACHE_RETRY_SECONDS"],
+            cluster=config["REDIS_CLUSTER"],
         )
     return FeedbackStore(redis, config["FEEDBACK_TTL"], config["FEEDBACK_WINDOW"], cache.prefix)
 
@@ -131,7 +138,9 @@ class FeedbackStore:
     def fetch(self, request_id: str) -> tuple[dict | None, bytes | None]:
         """A request's kept record (None once expired or joined) and its tombstone (None: never kept, or long gone);
         503 when Redis can't be asked."""
-        ok, found = self.redis.attempt(lambda client: client.mget(self.keys(request_id)))
+        keys = self.keys(request_id)
+        # On a cluster the two keys' slots differ: one MGET per slot.
+        ok, found = self.redis.attempt(lambda c: c.mget_nonatomic(keys) if self.redis.cluster else c.mget(keys))
         if not ok:
             raise _unavailable()
         raw, tombstone = found
@@ -141,7 +150,19 @@ class FeedbackStore:
         """Claim a request's predictions and push its outcomes to the version's window: the window after the push,
         or None when another post claimed them first; 503 when Redis can't be asked."""
         keys = [*self.keys(request_id), f"{self.prefix}w:{model}:{version}"]
-        ok, window = self.redis.attempt(lambda client: client.eval(_JOIN_SCRIPT, 3, *keys, self.window, *outcomes))
+
+        def claim_then_push(client) -> list[bytes] | None:
+            # On a cluster the three keys are in three slots. DEL still lets exactly one post claim the predictions;
+            # a worker dying before the push loses that post's outcomes (never counts them twice).
+            if not client.delete(keys[0]):
+                return None
+            client.set(keys[1], _JOINED, keepttl=True)
+            return client.eval(_PUSH_SCRIPT, 1, keys[2], self.window, *outcomes)
+
+        if self.redis.cluster:
+            ok, window = self.redis.attempt(claim_then_push)
+        else:
+            ok, window = self.redis.attempt(lambda client: client.eval(_JOIN_SCRIPT, 3, *keys, self.window, *outcomes))
         if not ok:
             raise _unavailable()
         return window

@@ -105,9 +105,65 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def cpu(run: dict) -> str | None:
-    """CPU µs per request of the server's workers, Redis and wrk, e.g. "603 / 45 / 92"."""
+    """CPU µs per request of the server's workers, Redis (nginx, when in front) and wrk, e.g. "603 / 45 / 92"."""
     c = run.get("cpu_us")
-    return f"{c['server']} / {c['redis']} / {c['wrk']}" if c else None
+    return " / ".join(str(c[k]) for k in ("server", "redis", "nginx", "wrk") if k in c) if c else None
+
+
+KEEPALIVE_BASE = "sync direct"
+
+
+def keepalive_compare(runs: list[dict]) -> None:
+    """Add each keep-alive route's req/s and total CPU per request over sync workers reached directly (same model,
+    shape and concurrency)."""
+    for run in runs:
+        base = next(
+            (
+                r
+                for r in runs
+                if r["server"] == KEEPALIVE_BASE and all(r[k] == run[k] for k in ("model", "shape", "concurrency"))
+            ),
+            None,
+        )
+        run["cpu_us_total"] = sum(run["cpu_us"].values())
+        ok = base and base["req_s"]
+        run["x_sync_direct"] = round(run["req_s"] / base["req_s"], 2) if ok else None
+        run["cpu_x_sync_direct"] = round(run["cpu_us_total"] / sum(base["cpu_us"].values()), 2) if ok else None
+
+
+def keepalive_markdown(results: dict) -> list[str]:
+    """The keep-alive client's table: four routes per model, shape and concurrency."""
+    runs = results["keepalive"]
+    rounds = lambda r: " / ".join(f"{x:.0f}" for x in r.get("rounds_req_s", ()))  # noqa: E731
+    idle = lambda r: f"{r['rounds_idle_worker']} of {len(r['rounds_req_s'])}" if r.get("conns_per_worker") else None  # noqa: E731
+    return [
+        "**A keep-alive client** (wrk: HTTP/1.1, its connections kept open unless the server closes them) reaching "
+        "Sibyl four ways: *sync direct*, gunicorn's sync workers, which answer `Connection: close`, so the client "
+        "reconnects for every request; *nginx → sync*, the shipped deploy/nginx/nginx.conf in front of them (client "
+        "connections kept, one short upstream connection per request); *gthread direct*, `WORKER_CLASS=gthread` "
+        "(gunicorn.conf.py's one thread per worker), which keeps the client's connections; *nginx pool → gthread*, "
+        "the shipped file plus an upstream `keepalive 32` pool (HTTP/1.1 upstream) in front of gthread workers. "
+        "× = req/s over sync direct's; CPU × = all CPU per request (workers + Redis + nginx + wrk) over sync "
+        "direct's; CPU µs/req = workers / Redis / nginx / wrk; client conns = client connections that carried the "
+        "timed run's requests, from nginx's access log (c when keep-alive works); conns/worker = connections each "
+        "gthread worker held 0.5 s in (the client's, or nginx's pooled ones): these runs are not redone when a "
+        "worker got none, and *idle rounds* counts the rounds that left a worker without any:",
+        "",
+        *_table(
+            [
+                *("Model", "Scenario", "Conc.", "Route", "req/s", "Rounds req/s", "×", "p50 ms", "p99 ms"),
+                *("Errors", "CPU µs/req", "CPU ×", "Client conns", "Conns/worker", "Idle rounds"),
+            ],
+            [
+                [
+                    *(r["model"], r["shape"], r["concurrency"], r["server"], r["req_s"], rounds(r)),
+                    *(r["x_sync_direct"], r["p50_ms"], r["p99_ms"], r["errors"], cpu(r), r["cpu_x_sync_direct"]),
+                    *(r.get("client_connections"), _split(r), idle(r)),
+                ]
+                for r in runs
+            ],
+        ),
+    ]
 
 
 def _split(run: dict) -> str | None:
@@ -116,12 +172,9 @@ def _split(run: dict) -> str | None:
 
 
 def markdown(results: dict) -> str:
-    """The README's benchmark section: targets, Sibyl per scenario, comparison servers, memory, step timings."""
-    m, p, runs = results["machine"], results["plan"], results["runs"]
-    verdict = {True: "pass", False: "**FAIL**", None: "not run"}
-    perf = ["req/s", "Rounds req/s", "p50 ms", "p99 ms", "Errors", "Conns/worker", "CPU µs/req"]
-    rounds = lambda r: " / ".join(f"{x:.0f}" for x in r.get("rounds_req_s", ()))  # noqa: E731
-    row = lambda r: [r["req_s"], rounds(r), r["p50_ms"], r["p99_ms"], r["errors"], _split(r), cpu(r)]  # noqa: E731
+    """The README's benchmark section: targets, Sibyl per scenario, comparison servers, memory, step timings, the
+    keep-alive client (or, after `--only keepalive`, that alone)."""
+    m, p = results["machine"], results["plan"]
     backends = ", ".join(f"{k} {v}" for k, v in results["backends"].items())
     out = [
         "<!-- written by `make bench` (bench/run.py); edit the generator, not this file -->",
@@ -131,6 +184,22 @@ def markdown(results: dict) -> str:
         f"{p['warmup']} s of warm-up, taking turns (each round starts with the next server), and keeps its "
         f"median run. Sibyl's backend: {backends}.",
         "",
+    ]
+    if "runs" in results:
+        out += main_sections(results)
+    if results.get("keepalive"):
+        out += keepalive_markdown(results)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def main_sections(results: dict) -> list[str]:
+    """Targets, Sibyl per scenario, comparison servers, memory, in-process and recording costs, step timings."""
+    p, runs = results["plan"], results["runs"]
+    verdict = {True: "pass", False: "**FAIL**", None: "not run"}
+    perf = ["req/s", "Rounds req/s", "p50 ms", "p99 ms", "Errors", "Conns/worker", "CPU µs/req"]
+    rounds = lambda r: " / ".join(f"{x:.0f}" for x in r.get("rounds_req_s", ()))  # noqa: E731
+    row = lambda r: [r["req_s"], rounds(r), r["p50_ms"], r["p99_ms"], r["errors"], _split(r), cpu(r)]  # noqa: E731
+    return [
         "**Targets** (ratios compare median req/s at the same rows per request and concurrency):",
         "",
         *_table(
@@ -224,8 +293,8 @@ def markdown(results: dict) -> str:
                 for shape, s in per.items()
             ],
         ),
+        "",
     ]
-    return "\n".join(out) + "\n"
 
 
 def counts(outcomes: dict) -> str:
@@ -266,17 +335,22 @@ def chart(results: dict, path: Path) -> None:
 
 
 def write(results: dict, folder: Path) -> str:
-    """Compute ratios and targets, then write results.json, table.md and chart.png; return the table."""
-    compare(results["runs"])
-    results["targets"] = targets(results)
+    """Compute ratios and targets, then write results.json, table.md and chart.png (the chart only when the main
+    scenarios ran); return the table."""
+    if "runs" in results:
+        compare(results["runs"])
+        results["targets"] = targets(results)
+    keepalive_compare(results.get("keepalive", []))
     folder.mkdir(exist_ok=True)
     table = markdown(results)
-    # Written beside and renamed over, so an interrupted run never leaves half a file (*.tmp is git-ignored).
-    for name, write_to in (
+    files = [
         ("results.json", lambda p: p.write_text(json.dumps(results, indent=2) + "\n")),
         ("table.md", lambda p: p.write_text(table)),
-        ("chart.png", lambda p: chart(results, p)),
-    ):
+    ]
+    if "runs" in results:
+        files.append(("chart.png", lambda p: chart(results, p)))
+    # Written beside and renamed over, so an interrupted run never leaves half a file (*.tmp is git-ignored).
+    for name, write_to in files:
         tmp = folder / f"{name}.tmp"
         write_to(tmp)
         tmp.replace(folder / name)

@@ -1,4 +1,5 @@
-"""`make bench`: Sibyl vs a raw-WSGI ceiling, a Flask ceiling and the naive tutorial app, all on loopback."""
+"""`make bench`: Sibyl vs a raw-WSGI ceiling, a Flask ceiling and the naive tutorial app, all on loopback; then a
+keep-alive client reaching Sibyl four ways (sync or gthread workers, with or without nginx in front)."""
 
 import argparse
 import base64
@@ -8,6 +9,7 @@ import importlib.metadata
 import itertools
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -33,6 +35,7 @@ from app.registry import load_model, save_model
 from bench import report
 from bench.measure import cpu_seconds, memory, wrk
 from config import Config
+from tests.support.nginx import Nginx
 from tests.support.servers import (
     ROOT,
     Gunicorn,
@@ -67,6 +70,22 @@ class Shape:
 
 SHAPES = (Shape(1), Shape(1, hit=True), Shape(100), Shape(1000))
 BATCH = Shape(1000)
+# The keep-alive scenario's shapes: small requests, where a connection's cost shows most.
+KEEPALIVE_SHAPES = (Shape(1), Shape(1, hit=True))
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the keep-alive client reaches a Sibyl: its gunicorn directly, or the shipped nginx.conf in front of it."""
+
+    name: str
+    server: Gunicorn
+    proxy: Nginx | None = None
+
+    @property
+    def url(self) -> str:
+        """Where wrk and the checks send requests."""
+        return (self.proxy or self.server).url
 
 
 @dataclass
@@ -83,6 +102,7 @@ class Plan:
     threads: int  # wrk threads: one keeps the load generator's share of a small machine's CPU down
     backend: str
     py_spy: bool
+    only: str | None = None  # "keepalive": that scenario alone
 
 
 class Bench:
@@ -98,6 +118,7 @@ class Bench:
         self.redis_pid = self.redis.info("server")["process_id"]
         self.seeds = itertools.count(1)  # a new seed per wrk run: no run re-sends another's rows
         self.runs: list[dict] = []
+        self.keepalive_runs: list[dict] = []
         self.workers = os.cpu_count() or 1  # gunicorn.conf.py's default, set explicitly for every server
 
     def env(self, **extra: str) -> dict:
@@ -106,12 +127,12 @@ class Bench:
         base |= {"REDIS_URL": self.redis_url, "INFERENCE_BACKEND": self.plan.backend, "LOG_LEVEL": "INFO"}
         return base | extra
 
-    def post(self, server: Gunicorn, body: bytes) -> requests.Response:
+    def post(self, server: Gunicorn | Route, body: bytes) -> requests.Response:
         """One authenticated POST /predict."""
         headers = {"Content-Type": "application/json", "Authorization": self.auth}
         return requests.post(server.url + "/predict", data=body, headers=headers, timeout=30)
 
-    def check(self, server: Gunicorn, body: bytes, expected: list, cache: str | None = None) -> None:
+    def check(self, server: Gunicorn | Route, body: bytes, expected: list, cache: str | None = None) -> None:
         """Fail loudly unless the server answers this request correctly (with this X-Cache, if given)."""
         r = self.post(server, body)
         if r.status_code != 200:
@@ -125,10 +146,17 @@ class Bench:
         raise HarnessError(f"{server.name} at {server.url} answers wrongly, not timing it: {problem}")
 
     def load(
-        self, server: Gunicorn, model: str | None, shape: Shape, c: int, body: bytes | None = None, debug: bool = False
+        self,
+        target: Gunicorn | Route,
+        model: str | None,
+        shape: Shape,
+        c: int,
+        body: bytes | None = None,
+        debug: bool = False,
     ) -> tuple[dict, list[dict]]:
         """Warm up, then one timed wrk run at c connections: its numbers and the server's request-log lines.
-        Printed; a debug run is shorter."""
+        Printed; a debug run is shorter. Through a Route with nginx, nginx's CPU is counted too."""
+        server, proxy = (target.server, target.proxy) if isinstance(target, Route) else (target, None)
         if shape.hit:
             self.post(server, body)  # the row may have been flushed since the last hit run
         else:
@@ -136,37 +164,43 @@ class Bench:
         seconds, warmup = self.plan.debug_seconds if debug else self.plan.seconds, self.plan.warmup
         script = lambda: [str(shape.rows), str(FEATURES), str(next(self.seeds)), *([body.decode()] if body else [])]  # noqa: E731
         if warmup:
-            wrk(server.url, c, warmup, self.plan.threads, script(), self.auth)
+            wrk(target.url, c, warmup, self.plan.threads, script(), self.auth)
         restarts = server.restarts()
-        # Only gthread workers hold connections; sync workers take one request at a time from the socket.
-        gthread = os.environ.get("WORKER_CLASS", "sync") == "gthread"
+        # Only gthread workers hold connections (the client's, or nginx's pooled ones); sync workers take one
+        # request at a time from the socket.
+        gthread = server.env.get("WORKER_CLASS", "sync") == "gthread"
         split = server.connections if c >= self.workers and gthread else None
-        # Redo a run whose connections missed a worker (see measure.wrk); the last try is kept as it is.
-        workers = server.workers()
-        for attempt in range(1, SPLIT_TRIES + 1):
-            offset = server.stdout.stat().st_size
-            cpu = cpu_seconds(workers), cpu_seconds([self.redis_pid])
-            if result := wrk(
-                server.url, c, seconds, self.plan.threads, script(), self.auth, split, attempt == SPLIT_TRIES
-            ):
+        # Redo a run whose connections missed a worker (see measure.wrk); the last try is kept as it is. Not for a
+        # Route: there the split a keep-alive client happens to get is part of what is measured.
+        tries = 1 if isinstance(target, Route) else SPLIT_TRIES
+        workers, nginx = server.workers(), proxy.processes() if proxy else []
+        for attempt in range(1, tries + 1):
+            offset, logged = server.stdout.stat().st_size, _size(proxy.dir / "access.log") if proxy else 0
+            cpu = cpu_seconds(workers), cpu_seconds([self.redis_pid]), cpu_seconds(nginx)
+            if result := wrk(target.url, c, seconds, self.plan.threads, script(), self.auth, split, attempt == tries):
                 break
         lines = server.request_lines(offset)
-        run = {"server": server.name, "model": model, "shape": shape.name, "rows": shape.rows, "concurrency": c}
+        run = {"server": target.name, "model": model, "shape": shape.name, "rows": shape.rows, "concurrency": c}
         run |= result | {"attempts": attempt, "worker_restarts": server.restarts() - restarts}
-        # Where the machine's CPU went, per request: the server's workers, Redis, and wrk itself.
+        # Where the machine's CPU went, per request: the server's workers, Redis, nginx if in front, and wrk itself.
         per_request = lambda seconds: round(seconds / max(result["requests"], 1) * 1e6)  # noqa: E731
         run["cpu_us"] = {
             "server": per_request(cpu_seconds(workers) - cpu[0]),
             "redis": per_request(cpu_seconds([self.redis_pid]) - cpu[1]),
+            **({"nginx": per_request(cpu_seconds(nginx) - cpu[2])} if proxy else {}),
             "wrk": per_request(result["wrk_cores"] * result["requests"] / result["req_s"]),
         }
+        if proxy:
+            # Client connections nginx logged requests on, warm-up excluded: c when keep-alive works.
+            run["client_connections"] = client_connections(proxy, logged)
         run["cache"] = dict(sorted(Counter(x.get("cache") for x in lines if x.get("cache")).items()))
         notes = f"  ERRORS {run['errors']} {run['error_detail']}" if run["errors"] else ""
         notes += f"  (try {attempt}: earlier connection splits missed a worker)" if attempt > 1 else ""
         notes += f"  ({run['worker_restarts']} worker restarts)" if run["worker_restarts"] else ""
         notes += f"  (X-Cache {report.counts(run['cache'])})" if run["cache"] else ""
+        notes += f"  ({run['client_connections']} client connections)" if proxy else ""
         print(
-            f"  {server.name + (' [debug]' if debug else ''):13} {model or '':3} {shape.name:13} c={c:<3} "
+            f"  {target.name + (' [debug]' if debug else ''):13} {model or '':3} {shape.name:13} c={c:<3} "
             f"{run['req_s']:8.1f} req/s  p50 {run['p50_ms']:7.2f} ms  p99 {run['p99_ms']:7.2f} ms  "
             f"conns/worker {run['conns_per_worker'] or '-'}  wrk {run['wrk_cores']:.2f} cores  "
             f"CPU us/req {report.cpu(run)}{notes}",
@@ -276,7 +310,7 @@ def _py_spy(server: Gunicorn, label: str, seconds: int):
     return spawn([*args, "--nonblocking"], stderr=server.stderr.with_suffix(".py-spy"))
 
 
-def check_sibyl(bench: Bench, server: Gunicorn, model: dict) -> None:
+def check_sibyl(bench: Bench, server: Gunicorn | Route, model: dict) -> None:
     """A first answer must be a MISS stored in Redis, and the same rows then a HIT: the cache works."""
     bench.redis.flushall()
     bench.check(server, model["body"], model["expected"], cache="MISS")
@@ -329,6 +363,65 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
             results["backends"][name] = info["models"][0]["versions"][0]["backend"]
 
 
+def keepalive(bench: Bench, models: dict, results: dict) -> None:
+    """A keep-alive client (wrk) reaching Sibyl four ways, per model, shape and concurrency in interleaved rounds:
+    sync workers directly (each answer says `Connection: close`, so the client reconnects every request); the
+    shipped nginx.conf in front of them (the client's connections stay open, one short upstream connection per
+    request); gthread workers directly (keep-alive, but each connection stays on the worker that accepted it); and
+    nginx with an upstream `keepalive` pool in front of gthread workers."""
+    for name, model in models.items():
+        with contextlib.ExitStack() as stack:
+            keepalive_model(bench, name, model, results, stack)
+
+
+def keepalive_model(bench: Bench, name: str, model: dict, results: dict, stack: contextlib.ExitStack) -> None:
+    """The keep-alive scenario for one model; its servers and proxies are stopped by the caller's stack."""
+    env = bench.env(MODEL_PATH=str(model["path"]))
+    routes = []
+    for worker_class, pool in (("sync", 0), ("gthread", 32)):
+        server = stack.enter_context(
+            serving(f"sibyl-{worker_class}", "wsgi:app", bench.workdir, env | {"WORKER_CLASS": worker_class})
+        )
+        # sync: the shipped file as it is; gthread: plus the upstream pool its comment says to add.
+        proxy = Nginx(bench.workdir, [f"127.0.0.1:{server.port}"], upstream_keepalive=pool)
+        stack.callback(proxy.stop)
+        proxy.start()
+        label = "nginx pool → gthread" if pool else "nginx → sync"
+        routes += [Route(f"{worker_class} direct", server), Route(label, server, proxy)]
+    for route in routes:
+        if route.proxy:  # the rows check_sibyl just stored, through nginx
+            bench.check(route, model["body"], model["expected"], cache="HIT")
+        else:
+            check_sibyl(bench, route, model)
+    if name not in results["backends"]:
+        info = requests.get(routes[0].url + "/models", headers={"Authorization": bench.auth}, timeout=10).json()
+        results["backends"][name] = info["models"][0]["versions"][0]["backend"]
+    for shape in KEEPALIVE_SHAPES:
+        for c in bench.plan.concurrencies:
+            rounds = [[] for _ in routes]
+            for i in range(bench.plan.rounds):
+                for j in _rotated(range(len(routes)), i):
+                    run = bench.load(routes[j], name, shape, c, model["hit_body"] if shape.hit else None)[0]
+                    rounds[j].append(run)
+            for runs in rounds:
+                # How many rounds left a gthread worker without a connection (a Route's runs are not redone).
+                idle = sum(1 for r in runs if r["conns_per_worker"] and min(r["conns_per_worker"]) == 0)
+                bench.keepalive_runs.append(_median(runs) | {"rounds_idle_worker": idle})
+
+
+def _size(path: Path) -> int:
+    """A file's size, 0 if it does not exist yet."""
+    return path.stat().st_size if path.exists() else 0
+
+
+def client_connections(proxy: Nginx, offset: int) -> int:
+    """Distinct client connections in nginx's access log after byte offset (the shipped format logs each line's
+    connection serial number)."""
+    with open(proxy.dir / "access.log", "rb") as f:
+        f.seek(offset)
+        return len(set(re.findall(rb'"connection":(\d+),', f.read())))
+
+
 def _rotated(items: range, by: int) -> list:
     """items starting at position `by`: each round starts with a different server."""
     k = by % len(items)
@@ -379,23 +472,30 @@ def machine(bench: Bench) -> dict:
 
 
 def run(plan: Plan, workdir: Path) -> dict:
-    """Every measurement: in-process, then all servers scenario by scenario, then the DEBUG step timings."""
+    """Every measurement: in-process, then all servers scenario by scenario, the keep-alive client's four routes, then
+    the DEBUG step timings (with plan.only == "keepalive", that scenario alone)."""
     bench = Bench(plan, workdir)
     results = {"timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(bench)}
     results |= {"plan": asdict(plan), "backends": {}, "memory": {}, "steps": {}}
     print(f"bench: {results['machine']['cores']} cores, {plan.seconds} s per run; models and in-process timings...")
     models = make_models(workdir)
-    # In-process first, while no server competes for the CPU.
-    results["in_process"] = {name: in_process(m["path"], plan) for name, m in models.items()}
-    results["recording"] = {name: recording(m["path"], plan) for name, m in models.items()}
-    with contextlib.ExitStack() as stack:
-        measure(bench, models, results, stack)
-    print("bench: where the time goes (Sibyl with LOG_LEVEL=DEBUG)...")
-    for name, model in models.items():
-        with serving("sibyl", "wsgi:app", workdir, bench.env(MODEL_PATH=str(model["path"]), LOG_LEVEL="DEBUG")) as s:
-            check_sibyl(bench, s, model)
-            results["steps"][name] = where_time_goes(bench, s, name, model["hit_body"])
-    results["runs"] = bench.runs
+    if plan.only != "keepalive":
+        # In-process first, while no server competes for the CPU.
+        results["in_process"] = {name: in_process(m["path"], plan) for name, m in models.items()}
+        results["recording"] = {name: recording(m["path"], plan) for name, m in models.items()}
+        with contextlib.ExitStack() as stack:
+            measure(bench, models, results, stack)
+        results["runs"] = bench.runs
+    print("bench: a keep-alive client: sync or gthread workers, directly or through nginx...")
+    keepalive(bench, models, results)
+    results["keepalive"] = bench.keepalive_runs
+    if plan.only != "keepalive":
+        print("bench: where the time goes (Sibyl with LOG_LEVEL=DEBUG)...")
+        for name, model in models.items():
+            env = bench.env(MODEL_PATH=str(model["path"]), LOG_LEVEL="DEBUG")
+            with serving("sibyl", "wsgi:app", workdir, env) as s:
+                check_sibyl(bench, s, model)
+                results["steps"][name] = where_time_goes(bench, s, name, model["hit_body"])
     return results
 
 
@@ -405,7 +505,12 @@ def parse_args(argv: list[str] | None) -> Plan:
     p.add_argument(
         "--quick", action="store_true", help="smoke run: 1 round of 2 s, concurrency 8 only (about 2 minutes)"
     )
-    p.add_argument("--duration", type=int, help="seconds per timed run (default 4, or 2 with --quick)")
+    p.add_argument("--duration", "--seconds", type=int, help="seconds per timed run (default 4, or 2 with --quick)")
+    p.add_argument(
+        "--only",
+        choices=("keepalive",),
+        help="one scenario alone: keepalive = a keep-alive client to sync/gthread workers, directly or through nginx",
+    )
     p.add_argument("--rounds", type=int, help="interleaved runs per server and scenario, median kept (default 3)")
     p.add_argument("--backend", default="auto", choices=("auto", "sklearn", "onnx"), help="Sibyl's INFERENCE_BACKEND")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1: leaves the cores to servers)")
@@ -423,6 +528,7 @@ def parse_args(argv: list[str] | None) -> Plan:
         threads=a.wrk_threads,
         backend=a.backend,
         py_spy=a.py_spy,
+        only=a.only,
     )
 
 
@@ -445,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     table = report.write(results, RESULTS)
     print("\n" + table)
-    print(f"bench: wrote results.json, table.md and chart.png in {RESULTS.relative_to(ROOT)}/")
+    wrote = "results.json and table.md" if plan.only else "results.json, table.md and chart.png"
+    print(f"bench: wrote {wrote} in {RESULTS.relative_to(ROOT)}/")
     return 0
 
 

@@ -14,6 +14,15 @@ else
   CURL_ARGS=(--model-dir "$MODEL_DIR" ${DEFAULT_MODEL:+--name "$DEFAULT_MODEL"})
 fi
 BIND="${BIND:-127.0.0.1:8000}"
+# With TLS_CERT_FILE and TLS_KEY_FILE gunicorn serves HTTPS: the printed addresses say so, and the curl trusts that
+# certificate (a self-signed one works as printed; curl also takes a CA-issued leaf as the anchor).
+SCHEME=http
+CACERT=()
+if [[ -n "${TLS_CERT_FILE:-}" ]]; then
+  SCHEME=https
+  CACERT=(--cacert "$TLS_CERT_FILE")
+fi
+URL="$SCHEME://$BIND"
 mkdir -p "$STATE"
 chmod 700 "$STATE"
 # Absolute, for the Redis socket and log: SIBYL_STATE_DIR may be either ("$PWD/$STATE" broke an absolute one).
@@ -26,7 +35,7 @@ if ! flock -n 9; then
   echo "sibyl: cannot start: make run is already running here ($(cat "$STATE/run.pid" 2>/dev/null || echo '?')); stop it first" >&2
   exit 1
 fi
-echo "pid $$, http://$BIND" > "$STATE/run.pid"
+echo "pid $$, $URL" > "$STATE/run.pid"
 
 # Credentials: unless users are configured, make a local, git-ignored demo user with a random key. It has the
 # metrics role too, so the README's curl of /metrics works as printed.
@@ -70,17 +79,19 @@ PIDS+=("$GUNICORN")
 trap 'kill -TERM "$GUNICORN" 2>/dev/null || true' TERM
 
 # "serving" only once a worker answers /ready with its model; a startup error has already printed its one line.
-until $PY -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "http://$BIND/ready" 2>/dev/null; do
+# The probe asks its own child on this machine whether it is up, so it does not check the certificate.
+PROBE='import ssl, sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2, context=ssl._create_unverified_context())'
+until $PY -c "$PROBE" "$URL/ready" 2>/dev/null; do
   if ! kill -0 "$GUNICORN" 2>/dev/null; then
     wait "$GUNICORN" || exit $?
     exit 1
   fi
   sleep 0.2
 done
-echo "sibyl: serving $MODEL on http://$BIND   (Ctrl-C stops it)"
+echo "sibyl: serving $MODEL on $URL   (Ctrl-C stops it)"
 echo "sibyl: try it:"
-$PY -m app.cli curl "${CURL_ARGS[@]}" --url "http://$BIND" --user "$CRED"
-echo "sibyl: or open http://$BIND/ in a browser and sign in as ${CRED%%:*} with that key"
+$PY -m app.cli curl "${CURL_ARGS[@]}" --url "$URL" --user "$CRED" "${CACERT[@]}"
+echo "sibyl: or open $URL/ in a browser and sign in as ${CRED%%:*} with that key"
 status=0
 wait "$GUNICORN" || status=$?
 exit "$status"

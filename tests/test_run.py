@@ -144,3 +144,37 @@ def test_first_production_user_is_made_without_a_running_config(tmp_path, make_a
     app = make_app(SIBYL_ENV="production", SIBYL_USERS="", SIBYL_USERS_FILE=str(users))
     r = app.test_client().post("/predict", json={"features": [[5.1, 3.5, 1.4, 0.2]]}, headers=basic_auth("admin", key))
     assert r.status_code == 200
+
+
+def test_make_run_with_tls_prints_https_addresses_and_a_curl_that_trusts_the_certificate(run_env, tmp_path):
+    """With TLS_CERT_FILE and TLS_KEY_FILE, make run waits for the HTTPS listener and prints https:// addresses;
+    the curl, pasted as printed, verifies the (self-signed) certificate and predicts."""
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
+    self_signed = "-x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=127.0.0.1"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            *self_signed.split(),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    run = RunScript(run_env | {"TLS_CERT_FILE": str(cert), "TLS_KEY_FILE": str(key)}, tmp_path / "run.log")
+    try:
+        out = run.wait_for("that key")
+        assert f"serving {run_env['MODEL_DIR']} on https://{run_env['BIND']}" in out
+        assert f"or open https://{run_env['BIND']}/ in a browser" in out
+        command = out[out.index("  curl") :].split("/predict")[0] + "/predict"
+        assert f"--cacert {cert}" in command
+        answer = subprocess.run(["bash", "-c", command.replace("\\\n", " ")], capture_output=True, timeout=30)
+        assert orjson.loads(answer.stdout)["model"] == {"name": "prices", "version": "1"}, answer
+    finally:
+        assert run.interrupt() in (0, 130, -signal.SIGINT)
