@@ -115,6 +115,10 @@ class OnnxBackend:
             unsure = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * PROBA_ATOL)
             if unsure.size:
                 labels[unsure], p[unsure] = self.reference.predict(X[unsure], proba=True)
+        if not proba and not np.isfinite(p).all():
+            # A label drawn from NaN probabilities is no answer: hand them on, so the pipeline refuses the rows (422
+            # non_finite_answer) as it does when they are asked for, and as scikit-learn itself refuses them.
+            return labels, p
         return labels, (p if proba else None)
 
 

@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 import orjson
 from flask import Blueprint, Flask, Response, current_app, g, has_request_context, request
-from gunicorn.http.errors import ParseException
+from gunicorn.http.errors import NoMoreData, ParseException
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,11 @@ def render_http_error(e: HTTPException) -> Response:
     return error_response(status, code_for(status), message, headers)
 
 
-def render_unreadable_body(e: ParseException) -> Response:
-    """A chunked body gunicorn could not parse: the client's fault (400), not a crash to log with a trace."""
-    # gunicorn parses a chunked body only as the app reads it, so its framing errors surface in the view.
+def render_unreadable_body(e: ParseException | NoMoreData) -> Response:
+    """A chunked body gunicorn could not parse, or that ended early: the client's fault (400), not a crash to log with
+    a trace."""
+    # gunicorn parses a chunked body only as the app reads it, so its framing errors surface in the view; a client
+    # that closes before the last chunk (or after a chunk size it never sends) raises NoMoreData there.
     message = "The request body could not be read: its chunked framing is invalid or it ended early."
     return error_response(400, "bad_request", message)
 
@@ -128,6 +130,7 @@ def register_handlers(target: Flask | Blueprint, shape: Shape | None = None) -> 
     target.register_error_handler(ApiError, render_api_error)
     target.register_error_handler(HTTPException, render_http_error)
     target.register_error_handler(ParseException, render_unreadable_body)
+    target.register_error_handler(NoMoreData, render_unreadable_body)
     target.register_error_handler(Exception, render_crash)
 
 

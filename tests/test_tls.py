@@ -4,15 +4,15 @@ HTTP to its port fails without harming it, and the shipped nginx tls.conf termin
 import socket
 import ssl
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import IRIS_ROWS, ROOT, LiveServer, basic_auth, iris_settings
+from conftest import IRIS_ROWS, LiveServer, basic_auth, iris_settings
 
 from tests.support.nginx import Nginx
+from tests.support.servers import refused_start
 
 EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 
@@ -131,12 +131,7 @@ def test_bad_tls_setting_stops_with_one_line(tmp_path, pki, settings, line):
     serve.py` with one line naming the setting, no traceback."""
     d = pki["ca.crt"].parent
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **{k: str(d / v) for k, v in settings.items()}}
-    proc = subprocess.run(
-        [sys.executable, "serve.py"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines() == [f"sibyl: cannot start: {line.format(d=d)}"]
+    assert refused_start(env) == [f"sibyl: cannot start: {line.format(d=d)}"]
 
 
 def test_nginx_terminates_tls_in_front_of_a_replica(live_server, tmp_path, pki):

@@ -298,7 +298,7 @@ def _from_json(tensor: dict, count: int, dtype: np.dtype, where: str) -> np.ndar
     data = tensor.get("data")
     if type(data) is not list:
         raise invalid(f"{where}.data must be a list of values (flat or nested, row-major)")
-    flat = _flatten(data)
+    flat = _flatten(data, where)
     if len(flat) != count:
         raise invalid(f"{where}.data holds {len(flat)} values; its shape {tensor['shape']} needs {count}")
     allowed = _JSON_TYPES[dtype.kind]
@@ -324,17 +324,18 @@ def _from_bytes(chunk: memoryview, dtype: np.dtype, where: str) -> np.ndarray:
     return np.frombuffer(chunk, dtype)
 
 
-def _flatten(data: list) -> list:
-    """Nested lists' values in row-major order (a flat list as it is)."""
-    if not any(type(v) is list for v in data):
-        return data
-    flat = []
-    for v in data:
-        if type(v) is list:
-            flat.extend(_flatten(v))
-        else:
-            flat.append(v)
-    return flat
+def _flatten(data: list, where: str) -> list:
+    """Nested lists' values in row-major order (a flat list as it is); nesting must be regular, as numpy's arrays
+    are: at each level all lists of one length, or all values (ragged or mixed nesting is a 400)."""
+    # Level by level, not recursively: orjson takes 1024 levels of nesting, more than Python's recursion limit.
+    while any(type(v) is list for v in data):
+        if not all(type(v) is list for v in data) or len({len(v) for v in data}) != 1:
+            raise invalid(
+                f"{where}.data is ragged: nested lists must all have the same length at each level, as the shape "
+                "says; or send the values flat"
+            )
+        data = [x for v in data for x in v]
+    return data
 
 
 def _matrix(tensors: list[tuple[str, np.ndarray]], model: Model) -> np.ndarray:

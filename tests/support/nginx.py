@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.servers import ROOT, HarnessError, free_port, proc_stat, spawn, stop
+from tests.support.servers import ROOT, HarnessError, children, free_port, spawn, stop
 
 SHIPPED = ROOT / "deploy" / "nginx"
 
@@ -142,13 +142,7 @@ class Nginx:
 
     def processes(self) -> list[int]:
         """PIDs of the master and its workers, from /proc (the bench counts their CPU)."""
-        pids = [self.proc.pid]
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if int(proc_stat(int(entry.name))[1]) == self.proc.pid:  # ppid
-                        pids.append(int(entry.name))
-        return sorted(pids)
+        return sorted([self.proc.pid, *children(self.proc.pid)])
 
     def stop(self) -> None:
         """SIGINT: nginx's fast shutdown; SIGKILL for the group if it lingers."""

@@ -160,13 +160,7 @@ class Gunicorn:
 
     def workers(self) -> list[int]:
         """PIDs of the master's children (the workers), from /proc."""
-        pids = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                with contextlib.suppress(OSError):
-                    if int(proc_stat(int(entry.name))[1]) == self.proc.pid:  # ppid
-                        pids.append(int(entry.name))
-        return sorted(pids)
+        return children(self.proc.pid)
 
     def connections(self) -> list[int]:
         """Established client connections each worker holds."""
@@ -227,6 +221,25 @@ def tcp_sockets(pid: int, port: int, remote: bool = False) -> set[int]:
                 if target.startswith("socket:[") and target[8:-1] in on_port:
                     held.add(int(target[8:-1]))
     return held
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of a process's children, from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int(proc_stat(int(entry.name))[1]) == pid:  # ppid
+                    pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def refused_start(env: dict) -> list[str]:
+    """The lines `python serve.py` (how make run and the image start gunicorn) prints on stderr when env makes it
+    refuse to start; fails if it started."""
+    proc = subprocess.run([sys.executable, "serve.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0, proc.stdout
+    return proc.stderr.strip().splitlines()
 
 
 def proc_stat(pid: int) -> list[str]:
