@@ -38,9 +38,9 @@ test: $(VENV)/.dev node_modules/.installed models/iris/1/model.joblib lint  ## l
 	# Playwright drives Debian's Chromium in tests/test_browser.py (never `playwright install`: it downloads a browser).
 	# nginx runs the shipped deploy/nginx config in front of two replicas (tests/test_replicas.py); openssl makes the
 	# throwaway CA and certificates of tests/test_tls.py; kubectl (Debian's kubernetes-client) runs kustomize on
-	# deploy/k8s in tests/test_deploy_files.py.
+	# deploy/k8s in tests/test_deploy_files.py; wrk drives the soak's bounded form (tests/test_stress.py).
 	scripts/apt-need.sh redis-server curl promtool:prometheus chromium -:fonts-dejavu-core -:nginx openssl \
-	  kubectl:kubernetes-client
+	  kubectl:kubernetes-client wrk
 	$(PY) -m pytest
 
 lint: $(VENV)/.dev
@@ -54,6 +54,10 @@ format: $(VENV)/.dev
 bench: $(VENV)/.dev  ## side-by-side throughput/latency benchmark (needs wrk and nginx; installs them with apt if missing)
 	scripts/apt-need.sh wrk redis-server -:nginx
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+stress: $(VENV)/.dev  ## 10-minute soak: mixed load, a rollout midway; checks 5xx, p99, memory, fds, Redis clients, logs
+	scripts/apt-need.sh wrk redis-server
+	$(PY) -m bench.stress --seconds 600 $(STRESS_ARGS)
 
 # From a fresh demo model in a temporary folder, as tests/test_postman.py does, whatever else models/ holds.
 postman: $(VENV)/.runtime  ## regenerate postman/ (collection + environment) from the demo registry's GET /openapi.json

@@ -5,6 +5,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import unquote
 
 from redis.connection import parse_url
@@ -135,6 +136,29 @@ def sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict, dict]:
         if key in primary
     }
     return sentinels, name, primary, own
+
+
+class Rate(NamedTuple):
+    """A limit: at most count requests per window of seconds."""
+
+    count: int
+    seconds: int
+
+
+_WINDOWS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+
+
+def rate(raw: object) -> Rate | None:
+    """off (None: no limit), or <count>/<second|minute|hour|day>, e.g. 600/minute (a count of at least 1)."""
+    if raw is None or isinstance(raw, Rate):  # check() re-applies the rule to values already parsed
+        return raw
+    if isinstance(raw, str):
+        if raw.strip().lower() == "off":
+            return None
+        m = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*(second|minute|hour|day)\s*", raw.lower())
+        if m and int(m[1]) >= 1:
+            return Rate(int(m[1]), _WINDOWS[m[2]])
+    raise ValueError("must be off or <count>/<second|minute|hour|day> with a count of at least 1, e.g. 600/minute")
 
 
 def metrics_address(raw: object) -> str:
@@ -283,6 +307,20 @@ class Config:
     # This many refused logins from one address within AUDIT_WINDOW_SECONDS write one audit line.
     AUDIT_LOGIN_FAILURES = _setting("AUDIT_LOGIN_FAILURES", "10", number(minimum=1))
     AUDIT_WINDOW_SECONDS = _setting("AUDIT_WINDOW_SECONDS", "60", number(float, minimum=1))
+
+    # Requests per user, counted in REDIS_URL's Redis across every worker and replica (each worker on its own without
+    # it; with Redis configured but down, not at all: predictions fail open). A user's limit is their highest role's:
+    # admin, else metrics, else predict. Generous for people and services; a leaked scrape key (metrics role) can't
+    # be turned into a prediction firehose.
+    RATE_LIMIT_PREDICT = _setting("RATE_LIMIT_PREDICT", "60000/minute", rate)
+    RATE_LIMIT_ADMIN = _setting("RATE_LIMIT_ADMIN", "60000/minute", rate)
+    RATE_LIMIT_METRICS = _setting("RATE_LIMIT_METRICS", "600/minute", rate)
+    # Refused logins per client address; past it, requests with credentials get 429 whatever the credentials. Keys
+    # are 256-bit, so a real client fails only when misconfigured: a few tries are plenty.
+    RATE_LIMIT_LOGIN_FAILURES = _setting("RATE_LIMIT_LOGIN_FAILURES", "10/minute", rate)
+    # Proxies in front that each append the client's address to X-Forwarded-For (the shipped nginx: 1). 0 uses the
+    # connection's own address: with no proxy, a client could otherwise pick its own address by sending the header.
+    TRUSTED_PROXY_HOPS = _setting("TRUSTED_PROXY_HOPS", "0", number())
 
     # Empty: GET /metrics on the public port, for users with the admin or metrics role. host:port (e.g.
     # 127.0.0.1:9100, a private network's address): gunicorn also listens there, /metrics is served there alone and

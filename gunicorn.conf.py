@@ -6,7 +6,8 @@ import shutil
 import ssl
 import tempfile
 
-from gunicorn import util
+from gunicorn import glogging, util
+from gunicorn.http import wsgi
 
 from config import LOG_LEVELS, choice, from_env, metrics_address, web_concurrency  # config imports no numpy
 
@@ -110,7 +111,10 @@ worker_class = from_env("WORKER_CLASS", "sync", choice("sync", "gthread"))
 # broken model stops the master before any worker starts.
 preload_app = True
 
-# A request that takes 30 s is stuck (a 1000-row forest batch takes well under a second).
+# A request that takes 30 s is stuck (a 1000-row forest batch takes well under a second). It is also the only bound
+# on a slow client sending straight to a sync worker: the worker blocks reading it and is killed at 30 s, and its
+# replacement takes the next slow connection in the queue. gunicorn has no request-read timeout (none in 27 either),
+# so clients you don't trust must come through a buffering proxy (deploy/nginx; tests/test_slow_clients.py).
 timeout = 30
 # On SIGTERM, let in-flight requests finish before workers exit (rolling deploys).
 graceful_timeout = 30
@@ -129,6 +133,27 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # The app logs one JSON line per request on stdout; gunicorn's own log stays on stderr.
 accesslog = None
 errorlog = "-"
+
+
+class Logger(glogging.Logger):
+    """gunicorn's logger, minus the request bytes gunicorn quotes when it refuses or fails a request: a header line
+    missing its colon may be `Authorization Basic <key>`, and a request line or query string may carry a token."""
+
+    def warning(self, msg, *args, **kwargs):
+        """A refused request's line keeps the address and the error's kind, not the bytes gunicorn quotes after it."""
+        if isinstance(msg, str) and msg.startswith("Invalid request from ip="):
+            where, _, error = msg.partition(": ")
+            msg = f"{where}: {error.partition(': ')[0]}"
+        super().warning(msg, *args, **kwargs)
+
+    def exception(self, msg, *args, **kwargs):
+        """A failed request's line keeps its path, not the query string."""
+        if isinstance(msg, str) and msg.startswith("Error handling request"):
+            args = tuple(str(arg).partition("?")[0] for arg in args)
+        super().exception(msg, *args, **kwargs)
+
+
+logger_class = Logger
 loglevel = from_env("GUNICORN_LOG_LEVEL", "info", choice(*(level.lower() for level in LOG_LEVELS)))
 
 # Prometheus multiprocess mode: prometheus_client picks it when first imported, which preload_app does right after
@@ -167,6 +192,36 @@ def on_starting(server):
     # Worker.handle_error sends every such answer through this one function, looked up at call time; the
     # workers forked after this hook inherit the replacement.
     util.write_error = write_error
+
+    # gunicorn names itself in a Server header on every app answer (its errors above have none): the stack's name
+    # helps an attacker pick exploits and no client needs it. Patched in the master, so every worker inherits it.
+    headers = wsgi.Response.default_headers
+
+    def default_headers(self) -> list[str]:
+        """gunicorn's status line, Date and Connection, without Server."""
+        return [line for line in headers(self) if not line.startswith("Server:")]
+
+    wsgi.Response.default_headers = default_headers
+
+    # gunicorn sends a response's headers and its body in two writes. A worker killed between them leaves a proxy
+    # holding headers it has already passed on, so it can't retry the request on another replica: the client gets a
+    # body cut short. Sent together when the whole body is one piece (every Flask JSON answer), the proxy sees all of
+    # it or nothing, and retries when it got nothing (tests/test_faults.py). Anything else goes gunicorn's way.
+    write = wsgi.Response.write
+
+    def write_with_headers(self, data) -> None:
+        """The headers and a whole one-piece body in one write; otherwise gunicorn's own write."""
+        if self.headers_sent or self.chunked or self._omits_body or type(data) is not bytes or not data:
+            return write(self, data)
+        if self.response_length is not None and len(data) > self.response_length:
+            return write(self, data)
+        lines = self.default_headers()
+        lines.extend(f"{k}: {v}\r\n" for k, v in self.headers)
+        self.headers_sent = True
+        self.sent += len(data)
+        util.write(self.sock, ("".join(lines) + "\r\n").encode("latin-1") + data)
+
+    wsgi.Response.write = write_with_headers
 
 
 def post_worker_init(worker):

@@ -1,8 +1,9 @@
 """Sibyl: serve a scikit-learn model over HTTP. create_app() wires the request's path together."""
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import auth, errors, metrics, request_log
+from app import auth, errors, limits, metrics, request_log
 from app.cache import PredictionCache
 from app.drift import Drift
 from app.errors import StartupError
@@ -35,6 +36,10 @@ def create_app(config: dict | None = None) -> Flask:
         per_user=app.config["CACHE_SCOPE"] == "user",
         cluster=app.config["REDIS_CLUSTER"],
     )
+    limits.init_app(app, cache)
+    if hops := app.config["TRUSTED_PROXY_HOPS"]:
+        # The client's address (limits, request and audit logs) from the X-Forwarded-For the proxies in front append.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=0)
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
     from app import admin, feedback, health, openapi, page, status
     from app.protocols import kserve, mlflow, native, refuse_encoded_slash, v2

@@ -110,7 +110,7 @@ def verify_password(username: str, password: str) -> str | None:
     digest = hashlib.sha256(password.encode()).digest()
     user = users.get(username)
     ok = hmac.compare_digest(digest, user.digest if user else _DUMMY)
-    return _login(username) if ok and user else None
+    return _checked(username if ok and user else None)
 
 
 @bearer.verify_token
@@ -121,12 +121,17 @@ def verify_token(token: str) -> str | None:
     for name, user in current_app.extensions["sibyl.users"].items():
         if hmac.compare_digest(digest, user.digest):
             found = name
-    return _login(found) if found else None
+    return _checked(found)
 
 
-def _login(name: str) -> str:
-    """Record the caller for the request log."""
-    g.log["user"] = name
+def _checked(name: str | None) -> str | None:
+    """Record the caller for the request log, and count the attempt against the limits (app.limits), which raise a
+    429 past them. Every attempt takes this path, known user or not, so both cost the same Redis round trip."""
+    roles = ()
+    if name is not None:
+        g.log["user"] = name
+        roles = current_app.extensions["sibyl.users"][name].roles
+    current_app.extensions["sibyl.limits"].count(name, roles)
     return name
 
 

@@ -21,6 +21,7 @@ _CODES = {
     414: "uri_too_long",
     415: "unsupported_media_type",
     417: "expectation_failed",
+    429: "too_many_requests",
     431: "headers_too_large",
     500: "internal_error",
     501: "not_implemented",
@@ -48,9 +49,9 @@ class StartupError(RuntimeError):
 class ApiError(Exception):
     """A client-facing failure with its status, code and a message that says how to fix the request."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
 def error_body(code: str, message: str, request_id: str | None) -> bytes:
@@ -97,7 +98,7 @@ def _blueprint() -> str | None:
 
 def render_api_error(e: ApiError) -> Response:
     """An ApiError in the one shape."""
-    return error_response(e.status, e.code, e.message)
+    return error_response(e.status, e.code, e.message, e.headers)
 
 
 def render_http_error(e: HTTPException) -> Response:

@@ -1,5 +1,6 @@
 """Prometheus metrics: what each request, prediction and worker did, summed across gunicorn workers at GET /metrics."""
 
+import contextlib
 import os
 from pathlib import Path
 from time import perf_counter
@@ -121,6 +122,11 @@ class Metrics:
             "Workers that exited (recycled, killed or stopped), counted by the master.",
             registry=reg,
         )
+        self.log_lines_dropped = Counter(
+            "sibyl_log_lines_dropped",
+            "Log lines stdout could not take without blocking (a log pipe no one reads, or one closed): dropped.",
+            registry=reg,
+        )
         self._breaker_open = 0.0
         self._rss_at = float("-inf")
         # The labelled children each request touches, by their label values: .labels() validates and locks on
@@ -202,8 +208,20 @@ class Metrics:
         if path is None:
             return _Both(self.registry, _DeclaredElsewhere())
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=path)
+        _WorkerFiles(registry, path=path)
         return registry
+
+
+class _WorkerFiles(MultiProcessCollector):
+    """prometheus_client's collector, reading again when a file it listed is gone: worker_exited deletes a dead
+    worker's files, and a scrape racing a rollout or a recycled worker would otherwise answer 500 (seen in the soak)."""
+
+    def collect(self):
+        """The merged families; listing the files again (up to 3 tries) if one vanished while being read."""
+        for _ in range(2):
+            with contextlib.suppress(FileNotFoundError):
+                return super().collect()
+        return super().collect()
 
 
 class _Both:

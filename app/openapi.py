@@ -40,6 +40,8 @@ _ERRORS = {
     415: "The body is not of a media type the route takes, or its Content-Encoding is neither gzip nor deflate.",
     422: "The rows fit the schema, but the model's answer for one is not a finite number (NaN or infinity): its "
     "values are too far outside the range it was trained on.",
+    429: "Over the user's request limit, or too many refused logins from this address: retry after the Retry-After "
+    "header's seconds.",
     500: "A bug; quote the request_id when reporting it.",
     503: "A model (or the named version) could not be loaded or did not answer.",
 }
@@ -107,7 +109,7 @@ def document(app: Flask) -> dict:
                 "bearer": {"type": "http", "scheme": "bearer", "description": "the API key itself"},
             },
             "responses": {
-                _error_key(shape, status): _error_response(text, shape)
+                _error_key(shape, status): _error_response(text, shape, status)
                 for shape in ["Error", *shapes]
                 for status, text in _ERRORS.items()
             },
@@ -132,7 +134,7 @@ def _operation(app: Flask, rule, method: str, registry: Registry) -> dict:
     protocol = _protocol(endpoint)
     if endpoint not in PUBLIC and endpoint not in getattr(protocol, "PUBLIC", ()):
         op["security"] = [{"basic": []}, {"bearer": []}]
-        statuses.append(401)
+        statuses += [401, 429]
     if endpoint.startswith(_ADMIN_PREFIX) or endpoint in METRICS_ENDPOINTS:
         statuses.append(403)
     if rule.arguments:
@@ -316,12 +318,18 @@ def json_body(schema: dict, examples: dict[str, dict], single: bool, media: str 
     return {"required": True, "content": {media: content}}
 
 
-def _error_response(description: str, shape: str) -> dict:
-    """A documented error status in one protocol's error shape."""
-    return {
+def _error_response(description: str, shape: str, status: int) -> dict:
+    """A documented error status in one protocol's error shape (a 429 with its Retry-After)."""
+    response = {
         "description": description,
         "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape}"}}},
     }
+    if status == 429:
+        seconds = {"type": "integer", "minimum": 1}
+        response["headers"] = {
+            "Retry-After": {"description": "Seconds until the limit's window ends.", "schema": seconds}
+        }
+    return response
 
 
 _ERROR_SCHEMA = {

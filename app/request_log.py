@@ -1,10 +1,14 @@
 """One structured line per request on stdout, and the request id that ties it to errors."""
 
+import contextlib
 import json
 import logging
 import os
 import re
+import select
+import stat
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from time import perf_counter, time
 
@@ -20,8 +24,51 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _BARE = re.compile(r"[A-Za-z0-9._:/@+,-]+")
 
 
+# A line that stdout (a pipe) could take only in parts gets this long for the rest before it is dropped.
+_PART_SECONDS = 1.0
+# The process's stdout reopened without blocking, when it is a pipe: (fd 1's device and inode, the new fd), or None.
+_pipe: tuple[tuple[int, int], int | None] | None = None
+
+
+def _stdout_pipe() -> int | None:
+    """A non-blocking descriptor of the pipe this process's stdout is, or None when stdout is anything else.
+
+    A log pipe whose reader stopped reading must not block a request: a blocked sync worker misses its heartbeat
+    and is killed, and so is the next. Reopened, not fd 1 made non-blocking: O_NONBLOCK belongs to the open file,
+    which the shell or supervisor that started gunicorn shares. Inherited by workers: the master opens it first."""
+    global _pipe
+    try:
+        st = os.fstat(1)
+    except OSError:
+        return None
+    if _pipe is None or _pipe[0] != (st.st_dev, st.st_ino):
+        fd = None
+        if stat.S_ISFIFO(st.st_mode):
+            with contextlib.suppress(OSError):  # no /proc: write as before
+                fd = os.open("/proc/self/fd/1", os.O_WRONLY | os.O_NONBLOCK)
+        _pipe = ((st.st_dev, st.st_ino), fd)
+    return _pipe[1]
+
+
+def _write_to(fd: int, data: bytes) -> None:
+    """Write data to a non-blocking pipe: at once or not at all (BlockingIOError) up to PIPE_BUF bytes, which the
+    kernel writes whole; a longer line's rest gets _PART_SECONDS."""
+    done = os.write(fd, data)
+    deadline = perf_counter() + _PART_SECONDS
+    while done < len(data):
+        if not select.select([], [fd], [], max(0.0, deadline - perf_counter()))[1]:
+            raise BlockingIOError("stdout took only part of a line")
+        done += os.write(fd, data[done:])
+
+
 class _Stdout(logging.StreamHandler):
-    """A handler that writes to whatever sys.stdout is now (so pytest's capture sees it)."""
+    """A handler that writes to whatever sys.stdout is now (so pytest's capture sees it), and never blocks or fails
+    a request for it: a line stdout can't take now (a pipe no one reads, or one whose reader left) is dropped and
+    counted (sibyl_log_lines_dropped_total)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped: Callable[[], None] = lambda: None  # set by init_app once the metrics exist
 
     @property
     def stream(self):
@@ -32,10 +79,26 @@ class _Stdout(logging.StreamHandler):
         pass
 
     def write(self, line: str) -> None:
-        """Write one finished line, as emit() would after formatting."""
+        """Write one finished line, as emit() would after formatting; or drop it."""
         with self.lock:
-            self.stream.write(line + "\n")
-            self.flush()
+            try:
+                pipe = _stdout_pipe() if sys.stdout is sys.__stdout__ else None
+                if pipe is None:
+                    self.stream.write(line + "\n")
+                    self.flush()
+                else:
+                    _write_to(pipe, (line + "\n").encode(errors="backslashreplace"))
+            except OSError:  # BlockingIOError: the pipe is full; BrokenPipeError: its reader is gone
+                self.dropped()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Format the record and write it through write(), which never blocks or raises."""
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001  (logging's contract: a bad record is reported on stderr, never raised)
+            self.handleError(record)
+            return
+        self.write(line)
 
 
 def json_line(created: float, level: str, logger: str, message: str, fields: dict) -> str:
@@ -110,6 +173,12 @@ def init_app(app: Flask) -> None:
     direct = isinstance(handler.formatter, JsonFormatter)
     # Created by metrics.init_app later in create_app; looked up per request, as the app is built after this.
     extensions = app.extensions
+
+    def _dropped() -> None:
+        if "sibyl.metrics" in extensions:  # a line dropped before the metrics exist goes uncounted
+            extensions["sibyl.metrics"].log_lines_dropped.inc()
+
+    handler.dropped = _dropped
 
     @app.before_request
     def _start() -> None:

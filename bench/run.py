@@ -125,6 +125,8 @@ class Bench:
         """Environment for any server: same worker count and settings for all; Sibyl reads the rest."""
         base = {"WEB_CONCURRENCY": str(self.workers), "SIBYL_USERS": self.users, "SIBYL_USERS_FILE": ""}
         base |= {"REDIS_URL": self.redis_url, "INFERENCE_BACKEND": self.plan.backend, "LOG_LEVEL": "INFO"}
+        # One user at full speed would pass any sane per-user limit within a second: the bench measures serving.
+        base |= {"RATE_LIMIT_PREDICT": "off"}
         return base | extra
 
     def post(self, server: Gunicorn | Route, body: bytes) -> requests.Response:

@@ -32,11 +32,13 @@ USERS = (
     f"{ADMIN}:sha256:{hashlib.sha256(ADMIN_KEY.encode()).hexdigest()}:admin"
 )
 IRIS_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3]]
+# Tests that are not about limits send many requests and many wrong keys: test_limits.py turns them on.
+NO_LIMITS = {f"RATE_LIMIT_{kind}": "off" for kind in ("PREDICT", "ADMIN", "METRICS", "LOGIN_FAILURES")}
 
 
 def iris_settings(iris_path: Path) -> dict:
     """The settings every test app and server starts from: the demo model, the test users, no cache."""
-    return {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""}
+    return {"MODEL_PATH": str(iris_path), "SIBYL_USERS": USERS, "SIBYL_USERS_FILE": "", "REDIS_URL": ""} | NO_LIMITS
 
 
 def fitted_on_names(estimator, names: list[str]):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from conftest import basic_auth
+from conftest import IRIS_ROWS, basic_auth
 from test_cache import Service, cache_header
 from test_cache_live import served_by
 
@@ -289,3 +289,16 @@ def test_answered_rows_are_hits_on_the_other_gunicorn_worker(live_server, cluste
     assert content == answered.content
     assert served_by(server, "held")["pid"] != served_by(server, "answered")["pid"]
     assert requests.get(server.url + "/ready", timeout=5).json()["cache"] == "ok"
+
+
+def test_limits_count_on_a_cluster(make_app, cluster_url, cluster):
+    """Rate limits on a cluster: the user's and the address's counters (each on its own slot's master) hold."""
+    app = make_app(REDIS_URL=cluster_url, REDIS_CLUSTER=True, RATE_LIMIT_PREDICT="2/minute",
+                   RATE_LIMIT_LOGIN_FAILURES="1/minute")  # fmt: skip
+    client = app.test_client()
+    body = {"features": IRIS_ROWS[:1]}
+    assert [client.post("/predict", json=body, headers=basic_auth()).status_code for _ in range(3)] == [200, 200, 429]
+    wrong = basic_auth(key="wrong")
+    assert [client.post("/predict", json=body, headers=wrong).status_code for _ in range(2)] == [401, 429]
+    keys = [key for keys in cluster.keys_by_node().values() for key in keys if key.startswith(b"sibyl:limit:")]
+    assert len(keys) == 2

@@ -11,6 +11,7 @@ from conftest import IRIS_ROWS, ROOT, basic_auth, served_model
 import config
 from app.errors import StartupError
 
+RATE_RULE = "must be off or <count>/<second|minute|hour|day> with a count of at least 1, e.g. 600/minute"
 BAD = [
     ("MAX_ROWS", "lots", "must be a whole number >= 1"),
     ("CACHE_TTL", "0", "must be a whole number >= 1"),
@@ -30,6 +31,10 @@ BAD = [
     ("FEEDBACK_TTL", "-1", "must be a whole number >= 0"),
     ("FEEDBACK_WINDOW", "0", "must be a whole number >= 1"),
     ("DRIFT_WINDOW", "ten", "must be a whole number >= 0"),
+    ("RATE_LIMIT_PREDICT", "lots", RATE_RULE),
+    ("RATE_LIMIT_ADMIN", "10/fortnight", RATE_RULE),
+    ("RATE_LIMIT_LOGIN_FAILURES", "0/minute", RATE_RULE),
+    ("TRUSTED_PROXY_HOPS", "-1", "must be a whole number >= 0"),
 ]
 REDIS_URL_RULE = "REDIS_URL must be a redis://, rediss:// or unix:// URL with a valid port and options"
 # Malformed URLs, each carrying a password that must never reach the log.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -138,3 +139,26 @@ def test_reading_the_config_file_loads_no_numpy():
     code += "print('numpy' in sys.modules, os.environ['OMP_NUM_THREADS'])"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["False", "1"], proc.stderr
+
+
+# A product token with a version (gunicorn/27.0.1, Python/3.11), or a stack component's name anywhere.
+STACK = re.compile(r"gunicorn|werkzeug|python|flask|[A-Za-z-]+/\d", re.IGNORECASE)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /models HTTP/1.1\r\nHost: x\r\n\r\n",  # the app's 401
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n",  # the app's 404
+        f"GET /models HTTP/1.1\r\nHost: x\r\nAuthorization: {basic_auth()['Authorization']}\r\n\r\n".encode(),
+        b"MARKER IS NOT A REQUEST LINE\r\n\r\n",  # gunicorn's own 400
+        b"GET /" + b"x" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # gunicorn's own 414
+    ],
+    ids=["health", "app-401", "app-404", "app-200", "gunicorn-400", "gunicorn-414"],
+)
+def test_no_header_names_the_server_stack(server, request_bytes):
+    """No answer, the app's or gunicorn's own, says which server, framework or language versions answer it."""
+    _, headers, _ = exchange(server.port, request_bytes)
+    assert "server" not in headers
+    assert not [f"{k}: {v}" for k, v in headers.items() if STACK.search(k) or STACK.search(v)]

@@ -113,14 +113,16 @@ def wait_for_keys(client: redis.Redis, n: int) -> int:
     return client.dbsize()
 
 
-def start_redis(workdir: Path) -> tuple[str, redis.Redis]:
-    """A private redis-server on a free port; returns its URL and a client."""
+def start_redis(workdir: Path, password: str | None = None) -> tuple[str, redis.Redis]:
+    """A private redis-server on a free port, with requirepass if a password is given; returns its URL and a client."""
     port = free_port()
     # Bounded, like a production cache: miss runs write a key per row.
     args = redis_args(workdir, "--port", str(port), "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru")
+    if password:
+        args += ["--requirepass", password]
     log = workdir / "redis.log"
     proc = spawn(args, stdout=log, stderr=log)
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
     try:
         return url, await_redis(proc, redis.Redis.from_url(url, socket_timeout=5))
     except HarnessError as e:

@@ -1,0 +1,178 @@
+"""(1) How often a caller may ask: requests per user and refused logins per address, counted in Redis; 429 past them."""
+
+import hashlib
+import math
+import threading
+import time
+from collections import OrderedDict
+
+from flask import Flask, request
+from redis.cluster import PipelineCommand
+
+from app.audit import audit
+from app.cache import PredictionCache
+from app.errors import ApiError
+from config import Rate
+
+# Fixed windows, one counter per key. KEYS are counters; ARGV[2i-1] is KEYS[i]'s window in ms and ARGV[2i] what to add
+# to it (0 only reads it). Returns {count, ms until the window ends} per key. One call, atomic: a counter is never left
+# without its expiry (INCR and PEXPIRE sent apart could be split by the key expiring in between, leaving a counter
+# that never ends), and every replica sees one window, timed by Redis's clock rather than each replica's.
+_COUNT_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local add = tonumber(ARGV[2 * i])
+  local count = add > 0 and redis.call('INCRBY', key, add) or tonumber(redis.call('GET', key) or '0')
+  local left = redis.call('PTTL', key)
+  if add > 0 and left < 0 then
+    left = tonumber(ARGV[2 * i - 1])
+    redis.call('PEXPIRE', key, left)
+  end
+  out[i] = {count, left}
+end
+return out
+"""
+# Counters each worker keeps when it counts alone; past this, the least recently counted is forgotten, so a flood of
+# addresses costs bounded memory.
+MAX_LOCAL_KEYS = 10_000
+
+
+class _LocalWindows:
+    """The same fixed windows in this worker's memory: without Redis, and for refused logins while Redis is down."""
+
+    def __init__(self) -> None:
+        self._windows: OrderedDict[str, list] = OrderedDict()  # key -> [window end (monotonic), count]
+        self._lock = threading.Lock()  # gthread workers count from several threads
+
+    def count(self, key: str, window_ms: int, add: int) -> tuple[int, int]:
+        """Add to key's counter (0 only reads it); its count and the ms until its window ends."""
+        now = time.monotonic()
+        with self._lock:
+            window = self._windows.pop(key, None)
+            if window is None or window[0] <= now:
+                if not add:
+                    return 0, 0
+                window = [now + window_ms / 1000, 0]
+            window[1] += add
+            self._windows[key] = window
+            if len(self._windows) > MAX_LOCAL_KEYS:
+                self._windows.popitem(last=False)
+            return window[1], math.ceil((window[0] - now) * 1000)
+
+
+class Limits:
+    """Per-user request limits by role and per-address refused-login limits, in the cache's Redis (its client and
+    breakers) when there is one: a Redis problem lets predictions through and counts refused logins per worker."""
+
+    def __init__(
+        self, redis: PredictionCache | None, prefix: str, by_role: dict[str, Rate | None], logins: Rate | None
+    ):
+        self.redis = redis
+        self.by_role = by_role
+        self.logins = logins
+        # The prefix, then digests: no user name or address is readable in Redis, and any makes a safe key part.
+        self._user_head = f"{prefix}limit:user:"
+        self._address_head = f"{prefix}limit:login:"
+        self._local = _LocalWindows()
+
+    def rate_for(self, roles: tuple[str, ...]) -> Rate | None:
+        """A user's limit: their highest role's (admin, else metrics, else predict)."""
+        role = "admin" if "admin" in roles else "metrics" if "metrics" in roles else "predict"
+        return self.by_role[role]
+
+    def count(self, user: str | None, roles: tuple[str, ...] = ()) -> None:
+        """Count a request whose credentials were just checked (user None: refused). Raise a 429 when its address has
+        too many refused logins (whatever the credentials were, so a throttled address learns nothing from its
+        guesses), or when the user is over their limit. One Redis round trip settles both."""
+        if user is None and "Authorization" not in request.headers:
+            return  # no credentials sent (a browser's first request): nothing was refused
+        counts = {}  # what -> (key, window in ms, what to add)
+        if self.logins:
+            address = _digest(request.remote_addr or "")
+            counts["address"] = (self._address_head + address, self.logins.seconds * 1000, int(user is None))
+        rate = self.rate_for(roles) if user is not None else None
+        if rate:
+            counts["user"] = (self._user_head + _digest(user), rate.seconds * 1000, 1)
+        if not counts:
+            return
+        replies = self._count_in_redis(list(counts.values()))
+        if replies is not None:
+            found = dict(zip(counts, replies))
+        else:  # refused logins are counted in this worker; without Redis configured, users too; else they pass
+            found = {what: self._local.count(*c) for what, c in counts.items() if what == "address" or not self.redis}
+        if "address" in found:
+            refused, left = found["address"]
+            # A refused login counts itself: the limit-th is still a 401, the next one a 429.
+            if refused > self.logins.count - (user is not None):
+                if user is None and refused == self.logins.count + 1:
+                    # The first refusal past the limit: one line per window across every worker and replica.
+                    burst = {"count": self.logins.count, "window_seconds": self.logins.seconds}
+                    audit("login", "refused", reason="login rate limit", **burst)
+                message = "Too many refused logins from this address: wait Retry-After seconds before trying again."
+                raise _too_many("too_many_failed_logins", message, left)
+        if "user" in found:
+            used, left = found["user"]
+            if used > rate.count:
+                message = f"Over this user's limit of {rate.count} requests per {_per(rate)}; retry after Retry-After."
+                raise _too_many("rate_limited", message, left)
+
+    def _count_in_redis(self, counts: list[tuple]) -> list[tuple[int, int]] | None:
+        """Each (key, window ms, add) counter's (count, ms left) from one EVAL (on a cluster, one per key, the nodes
+        side by side), or None when there is no Redis or it failed (the cache's breaker then spares the next requests
+        the wait)."""
+        if self.redis is None:
+            return None
+        cluster = self.redis.cluster
+
+        def command(client):
+            if not cluster:
+                keys = [key for key, *_ in counts]
+                return client.eval(
+                    _COUNT_SCRIPT, len(keys), *keys, *(v for _, window, add in counts for v in (window, add))
+                )
+            # A cluster script may touch one slot only: an EVAL per key, each on its node, in one pipeline.
+            node = client.get_node_from_key
+            stack = [
+                PipelineCommand(("EVAL", _COUNT_SCRIPT, 1, key, window, add), {"target_nodes": node(key)}, i)
+                for i, (key, window, add) in enumerate(counts)
+            ]
+            return [reply[0] for reply in client.pipeline().send_cluster_commands(stack, allow_redirections=False)]
+
+        ok, replies = self.redis.attempt(command)
+        return [(int(count), int(left)) for count, left in replies] if ok else None
+
+
+def _per(rate: Rate) -> str:
+    """A rate's window in words."""
+    names = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}
+    return names.get(rate.seconds, f"{rate.seconds} seconds")
+
+
+def _too_many(code: str, message: str, left_ms: int) -> ApiError:
+    """A 429 whose Retry-After is the whole seconds until the window ends (at least 1)."""
+    return ApiError(429, code, message, {"Retry-After": str(max(1, math.ceil(left_ms / 1000)))})
+
+
+def _digest(text: str) -> str:
+    """A short digest for a key: a name or address never appears in Redis as it is."""
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def init_app(app: Flask, cache: PredictionCache) -> None:
+    """Count in the cache's Redis (or, with CACHE_ENABLED off, a client of its own on REDIS_URL)."""
+    config = app.config
+    if not config["REDIS_URL"]:
+        redis = None
+    elif cache.url == config["REDIS_URL"]:
+        redis = cache  # one connection pool and one breaker per worker: a dead Redis costs one timeout, not two
+    else:
+        redis = PredictionCache(
+            config["REDIS_URL"],
+            config["CACHE_TTL"],
+            config["CACHE_PREFIX"],
+            config["CACHE_TIMEOUT_MS"],
+            config["CACHE_RETRY_SECONDS"],
+            cluster=config["REDIS_CLUSTER"],
+        )
+    by_role = {role: config[f"RATE_LIMIT_{role.upper()}"] for role in ("predict", "admin", "metrics")}
+    app.extensions["sibyl.limits"] = Limits(redis, config["CACHE_PREFIX"], by_role, config["RATE_LIMIT_LOGIN_FAILURES"])
