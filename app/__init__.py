@@ -4,7 +4,7 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import auth, errors, limits, metrics, request_log
-from app.cache import PredictionCache
+from app.cache import PredictionCache, shared_redis
 from app.drift import Drift
 from app.errors import StartupError
 from app.registry import load_registry
@@ -36,7 +36,9 @@ def create_app(config: dict | None = None) -> Flask:
         per_user=app.config["CACHE_SCOPE"] == "user",
         cluster=app.config["REDIS_CLUSTER"],
     )
-    limits.init_app(app, cache)
+    # The limits and feedback share one Redis client and its breakers: the cache's, or one of their own.
+    redis = shared_redis(app.config, cache)
+    limits.init_app(app, redis)
     if hops := app.config["TRUSTED_PROXY_HOPS"]:
         # The client's address (limits, request and audit logs) from the X-Forwarded-For the proxies in front append.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=0)
@@ -48,7 +50,7 @@ def create_app(config: dict | None = None) -> Flask:
     registry = app.extensions["sibyl.registry"] = load_registry(app.config, cache.round_trip)
     # Drift windows and kept predictions: what POST /feedback and the monitoring gauges read.
     app.extensions["sibyl.drift"] = Drift(registry.loaded(), app.config["DRIFT_WINDOW"])
-    app.extensions["sibyl.feedback"] = feedback.store_for(app.config, cache)
+    app.extensions["sibyl.feedback"] = feedback.store_for(app.config, redis)
     app.before_request(refuse_encoded_slash)
     for module in (health, native, mlflow, kserve, v2, feedback, admin, openapi, page, status):
         app.register_blueprint(module.bp)

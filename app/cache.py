@@ -365,6 +365,24 @@ class PredictionCache:
             log.warning("cache back up, caching resumed" if breaker is self._conn else "cache writes accepted again")
 
 
+def shared_redis(config: dict, cache: PredictionCache) -> PredictionCache | None:
+    """The Redis the limits and feedback use: the cache's own client and breakers when the cache uses REDIS_URL (a
+    dead Redis then costs one timeout, not one per user of it), else (CACHE_ENABLED off) one client of their own;
+    None without REDIS_URL."""
+    if not config["REDIS_URL"]:
+        return None
+    if cache.url == config["REDIS_URL"]:
+        return cache
+    return PredictionCache(
+        config["REDIS_URL"],
+        config["CACHE_TTL"],
+        config["CACHE_PREFIX"],
+        config["CACHE_TIMEOUT_MS"],
+        config["CACHE_RETRY_SECONDS"],
+        cluster=config["REDIS_CLUSTER"],
+    )
+
+
 def _on_their_nodes(client: RedisCluster, commands: list[tuple]) -> list:
     """Run one-key commands (the key second) as one cluster pipeline, each on the node serving its key's slot: one
     write and one read per node, the nodes side by side; the replies in command order, or the first error raised.

@@ -79,25 +79,13 @@ def _digest(user: str | None) -> str:
     return hashlib.blake2b((user or "").encode(), digest_size=8).hexdigest()
 
 
-def store_for(config: dict, cache: PredictionCache) -> "FeedbackStore":
-    """The store the settings ask for: in the cache's Redis (its client and breakers) when the cache uses REDIS_URL,
-    a client of its own when CACHE_ENABLED is off; keeping nothing when FEEDBACK_TTL=0."""
+def store_for(config: dict, redis: PredictionCache | None) -> "FeedbackStore":
+    """The store the settings ask for: in `redis` (cache.shared_redis); keeping nothing when FEEDBACK_TTL=0."""
     if not config["FEEDBACK_TTL"]:
         redis = None
-    elif not config["REDIS_URL"]:
+    elif redis is None:
         raise StartupError("FEEDBACK_TTL needs REDIS_URL: the predictions kept for feedback live in Redis")
-    elif cache.url == config["REDIS_URL"]:
-        redis = cache
-    else:
-        redis = PredictionCache(
-            config["REDIS_URL"],
-            config["CACHE_TTL"],
-            config["CACHE_PREFIX"],
-            config["CACHE_TIMEOUT_MS"],
-            config["CACHE_RETRY_SECONDS"],
-            cluster=config["REDIS_CLUSTER"],
-        )
-    return FeedbackStore(redis, config["FEEDBACK_TTL"], config["FEEDBACK_WINDOW"], cache.prefix)
+    return FeedbackStore(redis, config["FEEDBACK_TTL"], config["FEEDBACK_WINDOW"], config["CACHE_PREFIX"])
 
 
 class FeedbackStore:

@@ -158,21 +158,8 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
-def init_app(app: Flask, cache: PredictionCache) -> None:
-    """Count in the cache's Redis (or, with CACHE_ENABLED off, a client of its own on REDIS_URL)."""
+def init_app(app: Flask, redis: PredictionCache | None) -> None:
+    """Count in `redis` (cache.shared_redis: the cache's client, or one of its own), or per worker without one."""
     config = app.config
-    if not config["REDIS_URL"]:
-        redis = None
-    elif cache.url == config["REDIS_URL"]:
-        redis = cache  # one connection pool and one breaker per worker: a dead Redis costs one timeout, not two
-    else:
-        redis = PredictionCache(
-            config["REDIS_URL"],
-            config["CACHE_TTL"],
-            config["CACHE_PREFIX"],
-            config["CACHE_TIMEOUT_MS"],
-            config["CACHE_RETRY_SECONDS"],
-            cluster=config["REDIS_CLUSTER"],
-        )
     by_role = {role: config[f"RATE_LIMIT_{role.upper()}"] for role in ("predict", "admin", "metrics")}
     app.extensions["sibyl.limits"] = Limits(redis, config["CACHE_PREFIX"], by_role, config["RATE_LIMIT_LOGIN_FAILURES"])

@@ -9,11 +9,12 @@ import subprocess
 
 import pytest
 import requests
-from conftest import ADMIN, ADMIN_KEY, KEY, ROOT, USER, LiveServer, basic_auth, iris_settings
+from conftest import ADMIN, ADMIN_KEY, KEY, USER, LiveServer, basic_auth, iris_settings
 from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect, sync_playwright
 
-ARTIFACTS = ROOT / "test-artifacts"
+from tests.support.servers import ARTIFACTS
+
 # Debian's Chromium, never a downloaded one (no `playwright install`); flags for a container without a GPU or a
 # sandbox, and nothing that phones home.
 CHROMIUM = "/usr/bin/chromium"

@@ -23,9 +23,17 @@ from sklearn.linear_model import LogisticRegression
 
 from app.registry import save_model
 from tests.support.nginx import Nginx
-from tests.support.servers import ROOT, await_redis, redis_args, spawn, stop, tcp_sockets
+from tests.support.servers import (
+    ARTIFACTS,
+    await_redis,
+    both_workers,
+    poll,
+    redis_args,
+    spawn,
+    stop,
+    tcp_sockets,
+)
 
-ARTIFACTS = ROOT / "test-artifacts"
 SUMMARY: dict[str, dict] = {}  # fault -> its figures, filled by each test
 ADMIN_AUTH = basic_auth(ADMIN, ADMIN_KEY)
 THREADS = 3  # client threads, each with its own session
@@ -122,21 +130,6 @@ class Load:
             "5xx": sum(isinstance(x[3], int) and x[3] >= 500 for x in self.answers),
             "max_latency_ms": round(max(during, default=0) * 1000, 1),
         }
-
-
-def poll(check, timeout: float = 20, what: str = ""):
-    """check()'s first truthy answer, asked every 20 ms; fails after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if answer := check():
-            return answer
-        time.sleep(0.02)
-    pytest.fail(f"{what or check.__doc__} did not happen within {timeout:.0f} s")
-
-
-def both_workers(server: LiveServer) -> list[int]:
-    """The master's two worker pids, once both are forked (gunicorn may still be spawning the second)."""
-    return poll(lambda: len(w := server.workers()) == 2 and w, what="both workers running")
 
 
 def hits_after(server: LiveServer, load: Load, since: float) -> dict[int, float]:

@@ -13,9 +13,8 @@ import pytest
 import requests
 from conftest import ADMIN, ADMIN_KEY, basic_auth
 
-from tests.support.servers import ROOT, free_port
+from tests.support.servers import free_port, record_artifact
 
-ARTIFACTS = ROOT / "test-artifacts"
 ROWS = 100_000  # distinct rows in all, over both workers
 BATCH = 1000  # rows per request (MAX_ROWS): 100 requests, a few seconds
 CHECKPOINT = 10_000  # rows between two readings of each worker's RSS
@@ -98,15 +97,6 @@ def growth_mib(result: dict, pid: str) -> float:
     return (at[ROWS] - at[ROWS // 2]) / 1024
 
 
-def record(name: str, result: dict) -> None:
-    """Keep a run's figures in test-artifacts/memory.json, beside the other runs'."""
-    path = ARTIFACTS / "memory.json"
-    ARTIFACTS.mkdir(exist_ok=True)
-    figures = json.loads(path.read_text()) if path.exists() else {}
-    figures[name] = result
-    path.write_text(json.dumps(figures, indent=2) + "\n")
-
-
 @pytest.mark.parametrize("tiers", [BOUNDED, UNBOUNDED], ids=["bounded", "unbounded-control"])
 def test_worker_rss_levels_off_under_100k_distinct_rows(live_server, spawn_redis, tiers):
     """10^5 distinct rows through two workers: every answer is 200. With bounded tiers, each worker's RSS grows by
@@ -130,7 +120,7 @@ def test_worker_rss_levels_off_under_100k_distinct_rows(live_server, spawn_redis
     result["settings"] = {**env, "REDIS_URL": "(private)", "rows": ROWS, "batch": BATCH, "DRIFT_WINDOW": 1000}
     result["second_half_growth_mib"] = {pid: round(growth_mib(result, pid), 2) for pid in result["workers"]}
     bounded = tiers is BOUNDED
-    record("bounded" if bounded else "unbounded_control", result)
+    record_artifact("memory.json", "bounded" if bounded else "unbounded_control", result)
     print(json.dumps({k: result[k] for k in ("rows_by_worker", "second_half_growth_mib", "redis")}))
 
     half, last = result["checkpoints"][len(result["checkpoints"]) // 2 - 1], result["checkpoints"][-1]

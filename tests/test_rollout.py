@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 
 from app.registry import file_sha256, save_model, write_atomically
 from app.rollout import public_reason, reload_registry
-from tests.support.servers import wait_for_keys
+from tests.support.servers import both_workers, poll, wait_for_keys
 
 ROW = [1.0, 2.0]  # the row cached under version 1; the load below never sends it
 ADMIN_AUTH = basic_auth(ADMIN, ADMIN_KEY)
@@ -53,27 +53,6 @@ def audit_lines(server, **match) -> list[dict]:
     """The server's admin.rollout audit lines having these fields."""
     lines = [x for x in server.log_lines() if x.get("event") == "audit" and x["action"] == "admin.rollout"]
     return [x for x in lines if all(x.get(k) == v for k, v in match.items())]
-
-
-def poll(check, timeout: float = 60):
-    """check()'s first truthy answer, asked every 0.1 s; fails after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if answer := check():
-            return answer
-        time.sleep(0.1)
-    pytest.fail(f"{check.__doc__ or check.__name__} did not happen within {timeout:.0f} s")
-
-
-def both_workers(server) -> list[int]:
-    """The master's two worker pids, once both are forked (gunicorn may still be spawning the second)."""
-
-    def both():
-        """both workers running"""
-        pids = server.workers()
-        return pids if len(pids) == 2 else None
-
-    return poll(both)
 
 
 def served_version(response_body: bytes) -> tuple[str, list]:

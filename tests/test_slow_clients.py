@@ -14,9 +14,8 @@ import requests
 from conftest import KEY, USER, basic_auth
 
 from tests.support.nginx import Nginx
-from tests.support.servers import ROOT
+from tests.support.servers import record_artifact
 
-ARTIFACTS = ROOT / "test-artifacts"
 SLOW = 4  # slow connections, twice the workers: 2 trickle their headers, 2 their body
 BODY = json.dumps({"features": [[5.1, 3.5, 1.4, 0.2]]}).encode()  # 39 bytes: longer than any trickle here
 ROW = {"features": [[6.7, 3.0, 5.2, 2.3]]}
@@ -125,12 +124,8 @@ def figures(slow: list[SlowClient], answers: list, start: float) -> dict:
 
 
 def record(name: str, result: dict) -> None:
-    """Keep a scenario's figures in test-artifacts/slow_clients.json, beside the other scenarios'."""
-    path = ARTIFACTS / "slow_clients.json"
-    ARTIFACTS.mkdir(exist_ok=True)
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    saved[name] = result
-    path.write_text(json.dumps(saved, indent=2) + "\n")
+    """Keep a scenario's figures in test-artifacts/slow_clients.json, and print them."""
+    record_artifact("slow_clients.json", name, result)
     print(name, json.dumps(result))
 
 

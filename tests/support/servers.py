@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import redis
 import requests
 import yaml
@@ -31,6 +32,34 @@ _started: list[subprocess.Popen] = []
 
 class HarnessError(RuntimeError):
     """A process the tests or the bench rely on failed to start or answered wrongly; the message says which."""
+
+
+# Figures and screenshots the tests leave for CI to keep (git-ignored).
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def record_artifact(file: str, name: str, result: dict) -> None:
+    """Keep a run's figures under name in test-artifacts/<file>, beside the other runs'."""
+    path = ARTIFACTS / file
+    ARTIFACTS.mkdir(exist_ok=True)
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved[name] = result
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def poll(check, timeout: float = 60, what: str = ""):
+    """check()'s first truthy answer, asked every 20 ms; fails after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answer := check():
+            return answer
+        time.sleep(0.02)
+    pytest.fail(f"{what or check.__doc__ or check.__name__} did not happen within {timeout:.0f} s")
+
+
+def both_workers(server) -> list[int]:
+    """The master's two worker pids, once both are forked (gunicorn may still be spawning the second)."""
+    return poll(lambda: len(w := server.workers()) == 2 and w, what="both workers running")
 
 
 def free_port() -> int:
