@@ -32,13 +32,20 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
-# Counters each worker keeps when it counts alone; past this, the least recently counted is forgotten, so a flood of
-# addresses costs bounded memory.
+# Counters each worker keeps (when it counts alone, and its view of Redis's); past this, the least recently counted is
+# forgotten, so a flood of addresses costs bounded memory.
 MAX_LOCAL_KEYS = 10_000
+# How stale this worker's view of a counter in Redis may get before a request sends its count and reads it again.
+# Requests between syncs are counted here and sent with the next one: a user costs a Redis round trip every 100 ms per
+# worker, not one per request (the round trip was 44% of a cached 1-row answer's time, docs/benchmark.md).
+SYNC_SECONDS = 0.1
+# ... and sooner, once a worker's unsent count reaches this share of what the limit has left, so near the limit
+# (fewer than SHARE requests left) every request is counted in Redis before it is let through.
+SHARE = 8
 
 
 class _LocalWindows:
-    """The same fixed windows in this worker's memory: without Redis, and for refused logins while Redis is down."""
+    """Fixed windows in this worker's memory: without Redis, and for refused logins while Redis is down."""
 
     def __init__(self) -> None:
         self._windows: OrderedDict[str, list] = OrderedDict()  # key -> [window end (monotonic), count]
@@ -60,9 +67,24 @@ class _LocalWindows:
             return window[1], math.ceil((window[0] - now) * 1000)
 
 
+class _Seen:
+    """One Redis counter as this worker last read it, plus what it has counted since and not yet sent."""
+
+    __slots__ = ("ends", "known", "pending", "synced")
+
+    def __init__(self) -> None:
+        self.ends = self.synced = -math.inf  # monotonic: when the window ends, when Redis was last asked
+        self.known = self.pending = 0
+
+
 class Limits:
     """Per-user request limits by role and per-address refused-login limits, in the cache's Redis (its client and
-    breakers) when there is one: a Redis problem lets predictions through and counts refused logins per worker."""
+    breakers) when there is one: a Redis problem lets predictions through and counts refused logins per worker.
+
+    Refused logins are sent to Redis as they happen. Allowed requests are counted in the worker and sent at most
+    SYNC_SECONDS apart (sooner near the limit), so across W workers a user may exceed a limit by what W - 1 workers
+    let through in SYNC_SECONDS while under an eighth of the limit was left; a refusal is never wrong, since Redis's
+    count only grows within a window."""
 
     def __init__(
         self, redis: PredictionCache | None, prefix: str, by_role: dict[str, Rate | None], logins: Rate | None
@@ -74,6 +96,8 @@ class Limits:
         self._user_head = f"{prefix}limit:user:"
         self._address_head = f"{prefix}limit:login:"
         self._local = _LocalWindows()
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()
+        self._lock = threading.Lock()
 
     def rate_for(self, roles: tuple[str, ...]) -> Rate | None:
         """A user's limit: their highest role's (admin, else metrics, else predict)."""
@@ -83,7 +107,7 @@ class Limits:
     def count(self, user: str | None, roles: tuple[str, ...] = ()) -> None:
         """Count a request whose credentials were just checked (user None: refused). Raise a 429 when its address has
         too many refused logins (whatever the credentials were, so a throttled address learns nothing from its
-        guesses), or when the user is over their limit. One Redis round trip settles both."""
+        guesses), or when the user is over their limit. At most one Redis round trip settles both."""
         if user is None and "Authorization" not in request.headers:
             return  # no credentials sent (a browser's first request): nothing was refused
         counts = {}  # what -> (key, window in ms, what to add)
@@ -95,10 +119,10 @@ class Limits:
             counts["user"] = (self._user_head + _digest(user), rate.seconds * 1000, 1)
         if not counts:
             return
-        replies = self._count_in_redis(list(counts.values()))
-        if replies is not None:
-            found = dict(zip(counts, replies))
-        else:  # refused logins are counted in this worker; without Redis configured, users too; else they pass
+        found = self._counted(counts, rate) if self.redis else None
+        if (
+            found is None
+        ):  # refused logins are counted in this worker; without Redis configured, users too; else they pass
             found = {what: self._local.count(*c) for what, c in counts.items() if what == "address" or not self.redis}
         if "address" in found:
             refused, left = found["address"]
@@ -115,6 +139,44 @@ class Limits:
             if used > rate.count:
                 message = f"Over this user's limit of {rate.count} requests per {_per(rate)}; retry after Retry-After."
                 raise _too_many("rate_limited", message, left)
+
+    def _counted(self, counts: dict[str, tuple], rate: Rate | None) -> dict[str, tuple[int, int]] | None:
+        """Each counter's (count, ms left) as this worker sees it, after sending Redis what is due (see the class);
+        None when Redis failed."""
+        now = time.monotonic()
+        due = {}  # what -> (key, window in ms, what to send)
+        with self._lock:
+            for what, (key, window, add) in counts.items():
+                seen = self._seen.pop(key, None) or _Seen()
+                self._seen[key] = seen  # most recently counted last
+                if seen.ends <= now:  # a new window: Redis's counter expired, or was never read
+                    seen.known = seen.pending = 0
+                seen.pending += add
+                # Refused logins are sent at once (the login limit must hold across workers to the attempt); the
+                # rest when the view is stale, or the unsent count is a large share of what the limit has left (not
+                # once the limit is used up: this worker then refuses without asking).
+                left = rate.count - seen.known if what == "user" else 0
+                if (what == "address" and add) or now - seen.synced >= SYNC_SECONDS or 0 < left <= seen.pending * SHARE:
+                    due[what] = (key, window, seen.pending)
+            while len(self._seen) > MAX_LOCAL_KEYS:
+                self._seen.popitem(last=False)
+        if due:
+            replies = self._count_in_redis(list(due.values()))
+            if replies is None:
+                return None
+            with self._lock:
+                for (key, _, sent), (total, left) in zip(due.values(), replies):
+                    seen = self._seen.get(key) or _Seen()
+                    seen.known, seen.pending = total, max(0, seen.pending - sent)
+                    # A counter that doesn't exist (only read, never added to) has no window yet: read it again
+                    # after SYNC_SECONDS.
+                    seen.synced, seen.ends = now, now + (left / 1000 if left > 0 else SYNC_SECONDS)
+        out = {}
+        for what, (key, *_) in counts.items():
+            seen = self._seen.get(key)
+            if seen is not None:
+                out[what] = (seen.known + seen.pending, math.ceil((seen.ends - now) * 1000))
+        return out
 
     def _count_in_redis(self, counts: list[tuple]) -> list[tuple[int, int]] | None:
         """Each (key, window ms, add) counter's (count, ms left) from one EVAL (on a cluster, one per key, the nodes

@@ -4,11 +4,14 @@ Retry-After in each protocol's error shape; fail-open predictions; a client addr
 import hashlib
 import json
 import statistics
+import time
 from time import perf_counter
 
 import pytest
 import requests
 from conftest import ADMIN, ADMIN_KEY, IRIS_ROWS, KEY, USER, USERS, basic_auth
+
+from app import limits
 
 BODY = {"features": IRIS_ROWS[:1]}
 PROM, PROM_KEY = "prom", "prom-test-key-0123456789abcdef"
@@ -139,13 +142,18 @@ def test_keys_are_prefixed_digests_that_expire(make_app, redis_url, redis_server
 
 
 def test_redis_outage_lets_predictions_through_and_still_counts_refused_logins(make_app, own_redis):
-    """Redis killed: the per-user limit fails open (200s past it, as the cache serves uncached), while refused
-    logins are counted in the worker, so a Redis outage opens no window for guessing."""
+    """Redis killed: the per-user limit fails open (200s past it, as the cache serves uncached) for a user the worker
+    has not seen over it, while refused logins are counted in the worker, so a Redis outage opens no window for
+    guessing. A user Redis already counted past the limit stays refused until the window ends."""
     server = own_redis()
-    client = limited(make_app, server.url, predict="2/minute", login_failures="2/minute").test_client()
+    client = limited(
+        make_app, server.url, predict="2/minute", admin="2/minute", login_failures="2/minute"
+    ).test_client()
     assert [client.post("/predict", json=BODY, headers=basic_auth()).status_code for _ in range(3)] == [200, 200, 429]
     server.stop()
-    assert [client.post("/predict", json=BODY, headers=basic_auth()).status_code for _ in range(5)] == [200] * 5
+    admin = basic_auth(ADMIN, ADMIN_KEY)
+    assert [client.post("/predict", json=BODY, headers=admin).status_code for _ in range(5)] == [200] * 5
+    assert client.post("/predict", json=BODY, headers=basic_auth()).status_code == 429
     statuses = [client.post("/predict", json=BODY, headers=WRONG).status_code for _ in range(4)]
     assert statuses == [401, 401, 429, 429]
 
@@ -193,10 +201,42 @@ def test_limits_are_shared_across_gunicorn_workers(live_server, redis_url):
 
 
 def test_live_redis_outage_keeps_predictions_answered(live_server, own_redis):
-    """Under gunicorn, Redis killed: predictions keep coming back 200, with no 5xx, past a limit they would hit."""
+    """Under gunicorn, Redis killed: predictions keep coming back 200, with no 5xx, past a limit they would hit (for a
+    user not yet counted past it: one who was stays refused, as test_redis_outage_... shows in process)."""
     redis = own_redis()
-    server = live_server(env={"REDIS_URL": redis.url, "RATE_LIMIT_PREDICT": "2/minute"}, workers=2)
+    env = {"REDIS_URL": redis.url, "RATE_LIMIT_PREDICT": "2/minute", "RATE_LIMIT_ADMIN": "2/minute"}
+    server = live_server(env=env, workers=2)
     assert [server.predict(BODY).status_code for _ in range(3)] == [200, 200, 429]
     redis.stop()
-    assert {server.predict(BODY).status_code for _ in range(10)} == {200}
+    admin = basic_auth(ADMIN, ADMIN_KEY)
+    statuses = {
+        requests.post(server.url + "/predict", json=BODY, headers=admin, timeout=10).status_code for _ in range(10)
+    }
+    assert statuses == {200}
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_allowed_requests_reach_redis_in_batches_and_none_is_lost(make_app, redis_url, redis_server):
+    """Far from the limit, a worker sends its count at most every SYNC_SECONDS (plus a read of the address's refused
+    logins), not once a request; after the next sync Redis holds every request."""
+    client = limited(make_app, redis_url, predict="1000000/minute", login_failures="10/minute").test_client()
+    redis = redis_server.client()
+    evals = lambda: redis.info("commandstats").get("cmdstat_eval", {}).get("calls", 0)  # noqa: E731
+    before, start = evals(), perf_counter()
+    assert {client.post("/predict", json=BODY, headers=basic_auth()).status_code for _ in range(100)} == {200}
+    sent, elapsed = evals() - before, perf_counter() - start
+    assert sent <= 2 + elapsed / limits.SYNC_SECONDS, (sent, elapsed)
+    time.sleep(limits.SYNC_SECONDS)
+    client.post("/predict", json=BODY, headers=basic_auth())
+    (key,) = redis.keys("sibyl:limit:user:*")
+    assert int(redis.get(key)) == 101
+
+
+def test_two_workers_near_the_limit_overshoot_it_by_little(make_app, redis_url):
+    """Two workers (two apps on one Redis) taking turns: together they let through at most the limit plus an eighth
+    of it, and the last requests before the limit are each counted in Redis first."""
+    workers = [limited(make_app, redis_url, predict="400/minute").test_client() for _ in range(2)]
+    statuses = [w.post("/predict", json=BODY, headers=basic_auth()).status_code for _ in range(300) for w in workers]
+    allowed = statuses.count(200)
+    assert 400 <= allowed <= 400 + 400 // limits.SHARE, allowed
+    assert set(statuses[allowed + 2 :]) == {429}
