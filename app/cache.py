@@ -30,9 +30,10 @@ from config import SENTINEL_SCHEMES, sentinel_url
 log = logging.getLogger(__name__)
 
 
-# A batch's store: KEYS are the rows' keys; ARGV[1] is the TTL and ARGV[i + 1] the value for KEYS[i]. One EVAL
-# (Redis caches the compiled script by its digest, and a restarted Redis never answers NOSCRIPT): redis-py spends
-# 8.8 ms of CPU on a 1000-SET pipeline against 1.5 ms on this one command (docs/benchmark.md).
+# A batch's store in a Redis that doesn't evict by itself: KEYS are the rows' keys; ARGV[1] is the TTL and ARGV[i + 1]
+# the value for KEYS[i]. One EVAL (Redis caches the compiled script by its digest, and a restarted Redis never answers
+# NOSCRIPT): redis-py spends 8.8 ms of CPU on a 1000-SET pipeline against 1.5 ms on this one command
+# (docs/benchmark.md). A Redis that evicts gets one MSET instead: about half the Redis CPU per row (README, Cache).
 _STORE_SCRIPT = "for i, key in ipairs(KEYS) do redis.call('SET', key, ARGV[i + 1], 'EX', ARGV[1]) end"
 # A stored value is "<expiry: unix time in ms, 13 digits> <answer as JSON>". A worker that fetches it keeps its
 # local copy until then, so the copy never outlives Redis's (which expires CACHE_TTL after the SET, a little later).
@@ -40,8 +41,8 @@ _HEAD = len(b"1733090000123 ")
 
 
 # The stored value's format, in every key: replicas of another Sibyl release (a rolling upgrade) keep separate
-# entries instead of overwriting each other's as unreadable.
-_FORMAT = "v2"
+# entries instead of overwriting each other's as unreadable. v3: a value past its expiry is a miss (MSET sets none).
+_FORMAT = "v3"
 
 # What a failed Redis call raises: redis-py's errors, socket errors, and the cluster client's own exception (no node
 # reachable, a slot no node serves), which is not a RedisError.
@@ -117,6 +118,10 @@ class PredictionCache:
         self._client: redis.Redis | RedisCluster | None = None
         self._pid: int | None = None
         self._relayout = False  # a cluster call failed: read the cluster's layout again before the next
+        # Whether Redis evicts keys by itself (maxmemory set, an allkeys-* policy), read before this process's first
+        # store (None: not yet): then answers are stored with one MSET and no per-key expiry, which the value's own
+        # expiry stands in for.
+        self._evicts: bool | None = None
         # This worker's own copy of recent answers, so a repeated row costs no round trip. An answer is a pure
         # function of its key (model sha256, backend, kind, row), so a local copy is never wrong, only kept
         # no longer than Redis keeps it. Bounded in entries and in bytes (keys and stored values): a 1,000-class
@@ -197,10 +202,10 @@ class PredictionCache:
         for i, raw in zip(missing, stored):
             if raw is not None:
                 expires, value = _decode(raw)
-                if value is not None and valid(value):
+                # Past its expiry is a miss: an MSET-stored value has no Redis expiry, so CACHE_TTL is kept here.
+                if value is not None and expires > wall and valid(value):
                     values[i] = value
-                    if expires > wall:
-                        found.append((keys[i], now + expires - wall, raw))
+                    found.append((keys[i], now + expires - wall, raw))
         if remember:
             self._remember(found)
         return values, True
@@ -252,14 +257,17 @@ class PredictionCache:
         return values
 
     def set_many(self, items: list[tuple[str, bytes]]) -> None:
-        """Store encoded answers with the TTL and wait for Redis's reply, so the next request on any worker finds
-        them: one SET for a row, one EVAL of _STORE_SCRIPT for a batch (on a cluster, whose script could only touch
-        one slot, a SET per row, one write and one read per node). Failures only open a breaker. store() checks,
-        before encoding, that there is something to send and that Redis may be used now."""
+        """Store encoded answers and wait for Redis's reply, so the next request on any worker finds them: in a Redis
+        that evicts by itself, one MSET; else with the TTL, one SET for a row, one EVAL of _STORE_SCRIPT for a batch
+        (on a cluster, whose script could only touch one slot, a SET per row, one write and one read per node).
+        Failures only open a breaker. store() checks, before encoding, that there is something to send and that Redis
+        may be used now."""
         try:
             client = self._redis()
             if self.cluster:
                 _on_their_nodes(client, [("SET", key, value, "EX", self.ttl) for key, value in items])
+            elif self._evicts or (self._evicts is None and self._read_eviction(client)):
+                client.mset(dict(items))
             elif len(items) == 1:
                 ((key, value),) = items
                 client.set(key, value, ex=self.ttl)
@@ -271,6 +279,19 @@ class PredictionCache:
             return
         self._succeeded(self._conn)
         self._succeeded(self._writes)
+
+    def _read_eviction(self, client: redis.Redis) -> bool:
+        """Whether this Redis drops keys by itself when full (a maxmemory and an allkeys-* policy), as the shipped
+        deploy files and `make run` configure it; False when CONFIG is refused (an ACL user without +config|get).
+        Read once per process; a connection failure propagates, like the store's own, and leaves it unread."""
+        try:
+            config = client.config_get("maxmemory*")
+        except redis.ResponseError:
+            config = {}
+        self._evicts = int(config.get("maxmemory") or 0) > 0 and config.get("maxmemory-policy", "").startswith(
+            "allkeys-"
+        )
+        return self._evicts
 
     def attempt(self, command: Callable[[redis.Redis], object]) -> tuple[bool, object]:
         """Run command(client) under this cache's breakers, for the other users of its Redis (feedback): (True, its
@@ -343,7 +364,7 @@ class PredictionCache:
                     self._client = (RedisCluster if self.cluster else redis.Redis).from_url(self.url, **options)
             except Exception as e:
                 raise redis.ConnectionError(f"cannot set up a Redis connection: {_describe(e)}") from e
-            self._pid, self._relayout = os.getpid(), False
+            self._pid, self._relayout, self._evicts = os.getpid(), False, None
         return self._client
 
     def _failed(self, breaker: _Breaker, e: Exception) -> None:

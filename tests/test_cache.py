@@ -282,6 +282,52 @@ def test_stored_row_expires_after_ttl(make_service):
     assert len(svc.backend.calls) == 2
 
 
+@pytest.fixture
+def evicting_redis(own_redis):
+    """A Redis configured as the shipped files configure it: a maxmemory and the allkeys-lru policy."""
+    server = own_redis()
+    server.client().config_set("maxmemory", "100mb")
+    server.client().config_set("maxmemory-policy", "allkeys-lru")
+    return server
+
+
+def test_redis_that_evicts_gets_one_mset_and_no_per_key_expiry(make_service, evicting_redis):
+    """A Redis that drops keys by itself when full gets a batch's misses in one MSET, without per-key expiries (it
+    costs Redis a sixth of the CPU of a SET with EX per row); the rows are hits for the next request."""
+    svc = make_service(REDIS_URL=evicting_redis.url, CACHE_TTL=600)
+    stats = evicting_redis.client()
+    svc.predict([ROW_A])
+    stats.config_resetstat()
+    assert cache_header(svc.predict([ROW_A, ROW_B, ROW_C])) == ("PARTIAL", "1")
+    calls = {name: v["calls"] for name, v in stats.info("commandstats").items()}
+    assert (calls.get("cmdstat_mget"), calls.get("cmdstat_mset")) == (1, 1)
+    assert not {"cmdstat_eval", "cmdstat_set", "cmdstat_expire"} & set(calls)
+    assert [stats.ttl(k) for k in stats.keys("sibyl:*")] == [-1] * 3
+    assert cache_header(svc.predict([ROW_A, ROW_B, ROW_C])) == ("HIT", "3")
+
+
+def test_value_past_cache_ttl_is_a_miss_even_while_redis_keeps_it(make_service, evicting_redis):
+    """Without a per-key expiry, CACHE_TTL still bounds how long an answer is served: the value carries its expiry,
+    and past it the row is predicted again."""
+    svc = make_service(REDIS_URL=evicting_redis.url, CACHE_TTL=1)
+    svc.predict([ROW_A])
+    (key,) = evicting_redis.client().keys("sibyl:*")
+    time.sleep(1.5)
+    assert evicting_redis.client().exists(key)
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
+    assert len(svc.backend.calls) == 2
+
+
+def test_redis_without_eviction_keeps_per_key_expiry(make_service, own_redis):
+    """A Redis that doesn't evict (noeviction, the default, or no maxmemory) gets every row with CACHE_TTL as its
+    expiry, so entries never pile up there."""
+    server = own_redis()
+    server.client().config_set("maxmemory-policy", "allkeys-lru")  # ... but no maxmemory: it would never evict
+    svc = make_service(REDIS_URL=server.url, CACHE_TTL=600)
+    svc.predict([ROW_A, ROW_B])
+    assert all(0 < server.client().ttl(k) <= 600 for k in server.client().keys("sibyl:*"))
+
+
 def test_different_model_file_misses_on_same_rows(make_service, make_model):
     """The model's sha256 is in the key: another artifact never gets this one's answers."""
     rows = [[0.5, -0.2], [-1.0, 0.3]]
@@ -625,7 +671,7 @@ def test_redis_url_forms_reach_the_server(make_service, tmp_path, spawn_redis, o
     assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
     assert cache_header(svc.predict([ROW_A])) == ("HIT", "1")
     (key,) = server.keys("*")
-    assert key.startswith(b"sibyl:v2:")  # the stored value's format is part of every key
+    assert key.startswith(b"sibyl:v3:")  # the stored value's format is part of every key
 
 
 # --- the worker-local tier (CACHE_LOCAL_ENTRIES) ---
