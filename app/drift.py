@@ -5,6 +5,7 @@ import itertools
 import logging
 import math
 import threading
+from bisect import bisect_right
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,10 @@ MIN_ROWS = 100
 # PSI and the gauge writes cost about as much as the counting (20 us measured), and a score staler by 1% of the
 # window changes no alert.
 REPORT_SHARE = 0.01
+# Requests of up to this many rows are binned in Python (bisect per value, counts in a list): for one row of 20
+# features that is 8 us against 33 us for the numpy calls (a searchsorted per feature, bincounts), whose fixed cost
+# only pays off on larger batches.
+SMALL_BATCH = 8
 
 # The worst worker alerts: each worker has its own window, and a drifted slice of traffic may reach only some.
 FEATURE_PSI = Gauge(
@@ -160,7 +165,12 @@ class Window:
         self.expected = np.maximum(expected, EPSILON)
         self.offsets = np.arange(len(columns)) * self.width
         self.ring = np.zeros((size, len(columns)), dtype=np.int32)
-        self.counts = np.zeros(len(columns) * self.width, dtype=np.int64)
+        self._counts = [0] * (len(columns) * self.width)  # a list: the small-batch path adds to single bins
+        # The same cut points as lists, for bisect; classes by label, for the small-batch path.
+        self._edge_lists = [e.tolist() for e in self.edges]
+        self._offset_list = self.offsets.tolist()
+        self._class_index = {c: i for i, c in enumerate(self.classes.tolist())} if self.classes is not None else None
+        self._pred_edge_list = self.pred_edges.tolist() if self.pred_edges is not None else None
         self.rows = 0  # rows seen, ever: the ring's next slot is rows % size
         self.report_every = max(1, int(size * REPORT_SHARE))
         self.unreported = 0  # rows since the gauges were last set
@@ -169,8 +179,17 @@ class Window:
         self.gauges: list = []  # made at the first report: a series exists only once it means something
         self._lock = threading.Lock()  # gthread workers: two requests must not interleave a ring update
 
+    @property
+    def counts(self) -> np.ndarray:
+        """Rows in the window per bin, all columns' bins in one flat array (column c's start at offsets[c])."""
+        return np.asarray(self._counts, dtype=np.int64)
+
     def observe(self, X: np.ndarray, predictions: list) -> None:
         """Add a batch of rows and their answers to the window, dropping the oldest, and update the gauges."""
+        if len(X) <= SMALL_BATCH and (binned := self._bin_small(X, predictions)) is not None:
+            with self._lock:
+                self._push_small(binned)
+            return
         if len(X) > self.size:  # only the newest rows stay in the window
             X, predictions = X[-self.size :], predictions[-self.size :]
         k = len(X)
@@ -187,19 +206,57 @@ class Window:
         with self._lock:
             self._push(binned)
 
+    def _bin_small(self, X: np.ndarray, predictions: list) -> list[list[int]] | None:
+        """A few rows' bin numbers (offsets added), as observe's numpy path finds them; None when an answer is not one
+        of the model's classes (that path then places it as searchsorted does)."""
+        if self._class_index is not None:
+            try:
+                answers = [self._class_index[p] for p in predictions]
+            except (KeyError, TypeError):
+                return None
+        else:
+            answers = [bisect_right(self._pred_edge_list, float(p)) for p in predictions]
+        last = self._offset_list[-1]
+        edges, offsets = self._edge_lists, self._offset_list
+        return [
+            [*(bisect_right(e, x) + o for e, x, o in zip(edges, row, offsets)), answer + last]
+            for row, answer in zip(X.tolist(), answers)
+        ]
+
+    def _push_small(self, binned: list[list[int]]) -> None:
+        """_push for a few rows binned in Python: the counts change one bin at a time."""
+        counts, ring = self._counts, self.ring
+        for bins in binned:
+            slot = self.rows % self.size
+            if self.rows >= self.size:  # the slot's older row leaves the window
+                for b in ring[slot].tolist():
+                    counts[b] -= 1
+            ring[slot] = bins
+            for b in bins:
+                counts[b] += 1
+            self.rows += 1
+        self.unreported += len(binned)
+        self._report()
+
     def _push(self, binned: np.ndarray) -> None:
         """Put binned rows in the ring over the oldest, keep the counts its rows' bins, and report when due."""
         k = len(binned)
         place = self.rows + np.arange(k)
         slots = place % self.size
-        length = self.counts.size
+        length = len(self._counts)
+        counts = self.counts
         if place[-1] >= self.size:  # these slots hold older rows, which leave the window
             old = slots[place >= self.size]
-            self.counts -= np.bincount(self.ring[old].ravel(), minlength=length)
+            counts -= np.bincount(self.ring[old].ravel(), minlength=length)
         self.ring[slots] = binned
-        self.counts += np.bincount(binned.ravel(), minlength=length)
+        counts += np.bincount(binned.ravel(), minlength=length)
+        self._counts = counts.tolist()
         self.rows += k
         self.unreported += k
+        self._report()
+
+    def _report(self) -> None:
+        """Set the gauges from the counts, once the window holds enough rows and enough arrived since the last time."""
         if self.held >= self.min_rows and self.unreported >= self.report_every:
             self.unreported = 0
             if not self.gauges:

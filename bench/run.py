@@ -1,5 +1,6 @@
-"""`make bench`: Sibyl vs a raw-WSGI ceiling, a Flask ceiling and the naive tutorial app, all on loopback; then a
-keep-alive client reaching Sibyl four ways (sync or gthread workers, with or without nginx in front)."""
+"""`make bench`: Sibyl (cache on, off and auto) vs a raw-WSGI ceiling, a Flask ceiling, a Flask + Redis ceiling and
+the naive tutorial app, all on loopback; then a keep-alive client reaching Sibyl four ways (sync or gthread workers,
+with or without nginx in front)."""
 
 import argparse
 import base64
@@ -45,14 +46,22 @@ from tests.support.servers import (
     start_redis,
     stop,
     stop_all,
-    wait_for_keys,
 )
 
 FEATURES = 20
 RESULTS = Path(__file__).with_name("results")
 # Tries per timed run before accepting a connection split that leaves a worker idle.
 SPLIT_TRIES = 12
-CEILINGS = (("raw", "bench.ceilings:raw_app"), ("flask", "bench.ceilings:flask_app"))
+CEILINGS = (
+    ("raw", "bench.ceilings:raw_app"),
+    ("flask", "bench.ceilings:flask_app"),
+    ("flask-redis", "bench.ceilings:flask_redis_app"),
+)
+# The Sibyl servers that have a cache, so run the hit shape too.
+CACHED = ("sibyl", "sibyl-auto")
+# A per-user limit no bench user reaches (16 million requests a second), in the shipped limit's window: the limiter
+# counts every request in Redis as shipped, but never refuses one. The largest count config.rate reads (9 digits).
+UNREACHED_LIMIT = "999999999/minute"
 
 
 @dataclass(frozen=True)
@@ -125,8 +134,9 @@ class Bench:
         """Environment for any server: same worker count and settings for all; Sibyl reads the rest."""
         base = {"WEB_CONCURRENCY": str(self.workers), "SIBYL_USERS": self.users, "SIBYL_USERS_FILE": ""}
         base |= {"REDIS_URL": self.redis_url, "INFERENCE_BACKEND": self.plan.backend, "LOG_LEVEL": "INFO"}
-        # One user at full speed would pass any sane per-user limit within a second: the bench measures serving.
-        base |= {"RATE_LIMIT_PREDICT": "off"}
+        # As shipped (metrics, drift, the request log and the rate limiter on), except that one user at full speed
+        # would pass the shipped 60000/minute within seconds and get 429s: the limit is raised out of reach instead.
+        base |= {"RATE_LIMIT_PREDICT": UNREACHED_LIMIT}
         return base | extra
 
     def post(self, server: Gunicorn | Route, body: bytes) -> requests.Response:
@@ -134,17 +144,22 @@ class Bench:
         headers = {"Content-Type": "application/json", "Authorization": self.auth}
         return requests.post(server.url + "/predict", data=body, headers=headers, timeout=30)
 
-    def check(self, server: Gunicorn | Route, body: bytes, expected: list, cache: str | None = None) -> None:
-        """Fail loudly unless the server answers this request correctly (with this X-Cache, if given)."""
+    def check(
+        self, server: Gunicorn | Route, body: bytes, expected: list, cache: str | tuple[str, ...] | None = None
+    ) -> str | None:
+        """Fail loudly unless the server answers this request correctly (with this X-Cache, or one of these, if
+        given); return its X-Cache."""
         r = self.post(server, body)
+        allowed = (cache,) if isinstance(cache, str) else cache
         if r.status_code != 200:
             problem = f"status {r.status_code}: {r.text[:300]}"
         elif (got := r.json().get("predictions")) != expected:
             problem = f"predictions {str(got)[:200]} where {str(expected)[:200]} was expected"
-        elif cache and r.headers.get("X-Cache") != cache:
-            problem = f"X-Cache {r.headers.get('X-Cache')} where {cache} was expected (is Redis reachable?)"
+        elif allowed and r.headers.get("X-Cache") not in allowed:
+            wanted = " or ".join(allowed)
+            problem = f"X-Cache {r.headers.get('X-Cache')} where {wanted} was expected (is Redis reachable?)"
         else:
-            return
+            return r.headers.get("X-Cache")
         raise HarnessError(f"{server.name} at {server.url} answers wrongly, not timing it: {problem}")
 
     def load(
@@ -226,7 +241,8 @@ def make_models(workdir: Path) -> dict[str, dict]:
     ):
         estimator.fit(X, y)
         path = workdir / f"{name.lower()}.joblib"
-        save_model(estimator, path, name=name.lower(), version="1", sample_rows=X[:50])
+        # With reference statistics, as `flask register` saves them: drift is then computed on every request.
+        save_model(estimator, path, name=name.lower(), version="1", sample_rows=X[:50], reference=(X, y))
         # Checks use training rows: the compiled backend is verified on them, so answers must match exactly.
         models[name] = {
             "path": path,
@@ -264,12 +280,19 @@ def in_process(path: Path, plan: Plan) -> dict:
     }
 
 
-def recording(path: Path, plan: Plan) -> dict:
-    """µs per request of recording its metrics (and drift), in a fresh interpreter in multiprocess mode, as the
-    gunicorn workers record them (bench/recording.py)."""
-    args = [sys.executable, "-m", "bench.recording", str(path), plan.backend]
-    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=300)
-    return orjson.loads(out.stdout.strip().splitlines()[-1])
+def recording(bench: Bench, name: str, path: Path) -> dict:
+    """µs per request of each feature on the request path (auth, rate limit, metrics, drift, the log line), in a
+    fresh interpreter with the servers' settings, metrics in multiprocess mode as the workers record them and the
+    limiter counting in the bench's Redis (bench/recording.py). Printed."""
+    args = [sys.executable, "-m", "bench.recording", str(path), bench.plan.backend, bench.redis_url]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300, env=os.environ | bench.env())
+    if out.returncode:
+        raise HarnessError(f"bench.recording failed (exit {out.returncode}): {out.stderr.strip()[-1500:]}")
+    costs = orjson.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {name}: " + ", ".join(f"{label} {costs[k]:g} µs" for k, label, _ in report.FEATURES), flush=True)
+    if costs["log_lines_dropped"]:
+        print(f"  {name}: {costs['log_lines_dropped']} log lines dropped (pipe full): the log line figure is low")
+    return costs
 
 
 def where_time_goes(bench: Bench, server: Gunicorn, model: str, hit_body: bytes) -> dict:
@@ -312,15 +335,58 @@ def _py_spy(server: Gunicorn, label: str, seconds: int):
     return spawn([*args, "--nonblocking"], stderr=server.stderr.with_suffix(".py-spy"))
 
 
-def check_sibyl(bench: Bench, server: Gunicorn | Route, model: dict) -> None:
-    """A first answer must be a MISS stored in Redis, and the same rows then a HIT: the cache works."""
+def served_version(bench: Bench, server: Gunicorn | Route) -> dict:
+    """GET /models's description of the one version the server serves: backend, cache policy and tiers."""
+    info = requests.get(server.url + "/models", headers={"Authorization": bench.auth}, timeout=10).json()
+    return info["models"][0]["versions"][0]
+
+
+def stored_answers(client) -> int:
+    """Answers the cache holds in Redis: keys under CACHE_PREFIX, less the rate limiter's counters."""
+    limits = f"{Config.CACHE_PREFIX}limit:".encode()
+    return sum(1 for key in client.scan_iter(match=f"{Config.CACHE_PREFIX}*", count=1000) if not key.startswith(limits))
+
+
+def wait_for_answers(client, n: int) -> int:
+    """stored_answers once it reaches n, or after 10 s of trying (Sibyl stores a miss before answering, so a working
+    cache reaches n at once)."""
+    deadline = time.monotonic() + 10
+    while (found := stored_answers(client)) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
+
+
+def check_sibyl(bench: Bench, server: Gunicorn | Route, model: dict) -> str:
+    """A first answer must be a MISS, and the same rows then a HIT: the cache works. Where the version's cache tiers
+    include Redis (CACHE_POLICY on, or auto where Redis pays) the MISS must be stored there; where they are each
+    worker's memory alone (auto where Redis does not pay), nothing may be. The model must carry reference statistics,
+    so drift is computed on every request as shipped. Returns the tiers."""
+    version = served_version(bench, server)
+    if not version["reference"]:
+        raise HarnessError(f"{server.name} at {server.url}: the model has no reference statistics, so no drift to time")
+    tiers = version["cache"]["tiers"]
     bench.redis.flushall()
     bench.check(server, model["body"], model["expected"], cache="MISS")
     rows = len(model["expected"])
-    if wait_for_keys(bench.redis, rows) != rows:
-        raise HarnessError(f"{server.name} at {server.url} answered a MISS but stored nothing in Redis")
-    bench.check(server, model["body"], model["expected"], cache="HIT")
-    bench.check(server, model["hit_body"], model["expected"][:1], cache="HIT")
+    if tiers == "redis":
+        if wait_for_answers(bench.redis, rows) != rows:
+            raise HarnessError(f"{server.name} at {server.url} answered a MISS but stored nothing in Redis")
+        bench.check(server, model["body"], model["expected"], cache="HIT")
+        bench.check(server, model["hit_body"], model["expected"][:1], cache="HIT")
+    elif tiers == "local":
+        if stored_answers(bench.redis):
+            raise HarnessError(
+                f"{server.name} at {server.url} keeps this model out of Redis, yet stored its rows there"
+            )
+        # Each worker holds its own answers, and any worker may take a request: after one more request than there
+        # are workers, some worker has answered the rows before, so at least one answer must be a HIT.
+        for body, expected in ((model["body"], model["expected"]), (model["hit_body"], model["expected"][:1])):
+            outcomes = {bench.check(server, body, expected, cache=("MISS", "HIT")) for _ in range(bench.workers + 1)}
+            if "HIT" not in outcomes:
+                raise HarnessError(f"{server.name} at {server.url}: repeated rows were never a HIT from worker memory")
+    else:
+        raise HarnessError(f"{server.name} at {server.url}: cache tiers {tiers!r} where a cache was expected")
+    return tiers
 
 
 def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitStack) -> None:
@@ -341,13 +407,19 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
             serving("sibyl-nocache", "wsgi:app", bench.workdir, env | {"CACHE_ENABLED": "false"})
         )
         bench.check(uncached, model["body"], model["expected"], cache="OFF")
-        lineup += [(naive, name), (sibyl, name), (uncached, name)]
+        # CACHE_POLICY=auto: Redis only where predicting a row costs more than the round trip (each worker's memory
+        # otherwise), as weighed at startup; GET /models says which it chose.
+        auto = stack.enter_context(serving("sibyl-auto", "wsgi:app", bench.workdir, env | {"CACHE_POLICY": "auto"}))
+        tiers = check_sibyl(bench, auto, model)
+        results["auto"][name] = served_version(bench, auto)["cache"]
+        print(f"  sibyl-auto {name}: cache tiers {tiers} ({report.auto_reason(results['auto'][name])})", flush=True)
+        lineup += [(naive, name), (sibyl, name), (uncached, name), (auto, name)]
     # Per scenario, every server runs in turn, `rounds` times over, and keeps its median run: a slow spell
     # on a shared machine (throughput here swings 2x between minutes) hits Sibyl and what it is compared
-    # with alike. Only Sibyl has a cache, so only Sibyl runs the hit shape.
+    # with alike. Only Sibyl with a cache runs the hit shape.
     for shape in SHAPES:
         for c in bench.plan.concurrencies:
-            turn = [(s, name) for s, name in lineup if s.name == "sibyl" or not shape.hit]
+            turn = [(s, name) for s, name in lineup if s.name in CACHED or not shape.hit]
             rounds = [[] for _ in turn]
             for i in range(bench.plan.rounds):
                 for j in _rotated(range(len(turn)), i):
@@ -361,8 +433,7 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
             # One connection, so server time shows as latency; its own rounds, since one run swings 20%.
             bench.runs.append(_median([bench.load(server, name, BATCH, 1)[0] for _ in range(bench.plan.rounds)]))
             results["memory"][name] = worker_memory(server)
-            info = requests.get(server.url + "/models", headers={"Authorization": bench.auth}, timeout=10).json()
-            results["backends"][name] = info["models"][0]["versions"][0]["backend"]
+            results["backends"][name] = served_version(bench, server)["backend"]
 
 
 def keepalive(bench: Bench, models: dict, results: dict) -> None:
@@ -396,8 +467,7 @@ def keepalive_model(bench: Bench, name: str, model: dict, results: dict, stack: 
         else:
             check_sibyl(bench, route, model)
     if name not in results["backends"]:
-        info = requests.get(routes[0].url + "/models", headers={"Authorization": bench.auth}, timeout=10).json()
-        results["backends"][name] = info["models"][0]["versions"][0]["backend"]
+        results["backends"][name] = served_version(bench, routes[0])["backend"]
     for shape in KEEPALIVE_SHAPES:
         for c in bench.plan.concurrencies:
             rounds = [[] for _ in routes]
@@ -478,13 +548,14 @@ def run(plan: Plan, workdir: Path) -> dict:
     the DEBUG step timings (with plan.only == "keepalive", that scenario alone)."""
     bench = Bench(plan, workdir)
     results = {"timestamp": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(bench)}
-    results |= {"plan": asdict(plan), "backends": {}, "memory": {}, "steps": {}}
+    results |= {"plan": asdict(plan), "backends": {}, "memory": {}, "steps": {}, "auto": {}}
     print(f"bench: {results['machine']['cores']} cores, {plan.seconds} s per run; models and in-process timings...")
     models = make_models(workdir)
     if plan.only != "keepalive":
         # In-process first, while no server competes for the CPU.
         results["in_process"] = {name: in_process(m["path"], plan) for name, m in models.items()}
-        results["recording"] = {name: recording(m["path"], plan) for name, m in models.items()}
+        print("bench: the cost of each feature per request, in process...")
+        results["recording"] = {name: recording(bench, name, m["path"]) for name, m in models.items()}
         with contextlib.ExitStack() as stack:
             measure(bench, models, results, stack)
         results["runs"] = bench.runs
@@ -553,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     table = report.write(results, RESULTS)
     print("\n" + table)
+    for target in results.get("targets", ()):
+        print(f"bench: {report.VERDICT[target['pass']].strip('*'):8} {target['target']}: {target['measured']}")
     wrote = "results.json and table.md" if plan.only else "results.json, table.md and chart.png"
     print(f"bench: wrote {wrote} in {RESULTS.relative_to(ROOT)}/")
     return 0
