@@ -10,6 +10,12 @@ from app.cache import PredictionCache
 from app.errors import ApiError
 from app.registry import Model
 
+# A model whose tiers are "local" (CACHE_POLICY=auto found its rows cheaper than a Redis round trip) uses the worker's
+# tier for requests of up to this many rows only: for a batch of new rows the tier's digests and copies cost about
+# 2 us a row, more than such a model takes to predict a row of a batch (1 to 6 us, compiled), so only repeated small
+# requests gain from it (docs/benchmark.md).
+LOCAL_MAX_ROWS = 8
+
 
 @dataclass
 class Prediction:
@@ -41,7 +47,7 @@ def predict(
     t0 = perf_counter()
     # The model's cache tiers are read here and nowhere else: off, local (this worker's memory), redis (then Redis).
     tiers = model.cache_tiers
-    if tiers == "off" or not cache.enabled:
+    if tiers == "off" or not cache.enabled or (tiers == "local" and len(X) > LOCAL_MAX_ROWS):
         keys, stored, redis_ok = None, None, False
     else:
         # Answers depend on the artifact, the backend that computed them (its precision and library versions)

@@ -4,6 +4,7 @@ import pytest
 import redis
 from conftest import IRIS_ROWS, basic_auth, served_model
 
+from app import pipeline
 from app.registry import decide_cache
 
 
@@ -53,3 +54,20 @@ def test_local_tier_only_keeps_redis_out(make_app, redis_url):
     assert [post(client).headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
     stats = server.info("commandstats")
     assert server.dbsize() == 0 and "cmdstat_mget" not in stats and "cmdstat_set" not in stats
+
+
+def test_local_tier_skips_batches_larger_than_local_max_rows(make_app, redis_url):
+    """With local tiers, a batch of more than LOCAL_MAX_ROWS rows is predicted, never kept: the same batch again is
+    predicted again (OFF), while a small request's repeat is a HIT."""
+    app = make_app(REDIS_URL=redis_url)
+    served_model(app).cache_tiers = "local"
+    client = app.test_client()
+    big = {"features": [[5.0 + i / 10, 3.0, 1.5, 0.2] for i in range(pipeline.LOCAL_MAX_ROWS + 1)]}
+    sent = [client.post("/predict", json=big, headers=basic_auth()) for _ in range(2)]
+    assert [r.headers["X-Cache"] for r in sent] == ["OFF", "OFF"]
+    assert sent[0].json["predictions"] == sent[1].json["predictions"]
+    small = {"features": big["features"][: pipeline.LOCAL_MAX_ROWS]}
+    assert [client.post("/predict", json=small, headers=basic_auth()).headers["X-Cache"] for _ in range(2)] == [
+        "MISS",
+        "HIT",
+    ]
