@@ -21,7 +21,7 @@ VERDICT = {True: "pass", False: "**FAIL**", None: "not run"}
 # bench/recording.py's figures: (key, label in the bench's output, column in table.md).
 FEATURES = (
     ("auth_us", "auth", "Auth (basic, valid key)"),
-    ("rate_limit_us", "rate limit", "Rate limit (count in Redis)"),
+    ("rate_limit_us", "rate limit", "Rate limit (counted here, sent to Redis each 100 ms)"),
     ("request_us", "metrics: request", "Metrics: request counter + latency"),
     ("prediction_us", "metrics: prediction", "Metrics: rows, cache outcome, predict time"),
     ("drift_1_row_us", "drift (1 row)", "Drift, 1 row"),
@@ -318,13 +318,57 @@ def markdown(results: dict) -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+def summary(runs: list[dict], concurrency: int = 8) -> list[str]:
+    """Median req/s per model and rows at one concurrency, every server side by side (the issue's table)."""
+    columns = [
+        ("raw", "miss", "raw WSGI"),
+        ("flask-redis", "miss", "Flask + 1 Redis GET/SET"),
+        ("naive", "miss", "tutorial Flask app"),
+        ("sibyl", "hit", "Sibyl hit"),
+        ("sibyl", "miss", "Sibyl miss"),
+        ("sibyl-auto", "miss", "Sibyl auto, miss"),
+        ("sibyl-nocache", "miss", "Sibyl cache off"),
+    ]
+
+    def cell(server: str, kind: str, model: str, rows: int) -> str:
+        shape = f"{rows}-row {kind}"
+        found = [
+            r
+            for r in runs
+            if r["server"] == server
+            and r["shape"] == shape
+            and r["concurrency"] == concurrency
+            and (server in ("raw", "flask-redis") or r["model"] == model)
+        ]
+        return f"{found[0]['req_s']:,.0f}" if found else "–"
+
+    rows = sorted({(r["model"], r["rows"]) for r in runs if r["server"] == "sibyl" and r["concurrency"] == concurrency})
+    return [
+        f"**Summary** (median req/s at c={concurrency}; a hit repeats one warmed row, a miss sends new rows):",
+        "",
+        *_table(
+            ["req/s", *(label for _, _, label in columns)],
+            [
+                [
+                    f"{model} {n} row{'s' if n > 1 else ''}",
+                    *(cell(server, kind, model, n) for server, kind, _ in columns),
+                ]
+                for model, n in rows
+            ],
+        ),
+        "",
+    ]
+
+
 def main_sections(results: dict) -> list[str]:
-    """Targets, Sibyl per scenario, comparison servers, memory, in-process and recording costs, step timings."""
+    """Summary, targets, Sibyl per scenario, comparison servers, memory, in-process and recording costs, step
+    timings."""
     p, runs = results["plan"], results["runs"]
     perf = ["req/s", "Rounds req/s", "p50 ms", "p99 ms", "Errors", "Conns/worker", "CPU µs/req"]
     rounds = lambda r: " / ".join(f"{x:.0f}" for x in r.get("rounds_req_s", ()))  # noqa: E731
     row = lambda r: [r["req_s"], rounds(r), r["p50_ms"], r["p99_ms"], r["errors"], _split(r), cpu(r)]  # noqa: E731
     return [
+        *summary(runs),
         "**Targets** (ratios compare median req/s at the same rows per request and concurrency):",
         "",
         *_table(
