@@ -60,9 +60,14 @@ EXPECTED = {
 }
 
 # The checks' limits, justified in README's Reliability section.
-P99_RATIO = 2.0  # median p99 of the last 3 windows vs the first 3: this VM swings up to 2x minute to minute
+P99_RATIO = (
+    2.0  # median p99 of the last half of the windows vs the first half: this VM swings up to 2x minute to minute
+)
 QUIET = 0.5  # cores (of the 2) used by other processes, from which a p99 rise is not judged Sibyl's
-THIRD = 3  # windows at each end whose p99s are compared
+# Windows at each end whose p99s are compared: half of them, so one window's spike does not decide. In make test's
+# 60 s form a worker is recycled every few seconds, and each new one imports onnxruntime (a few hundred ms of CPU),
+# which lifts a 6 s window's p99 to 300 ms now and then (3 of 10 windows in one CI run, 2 of them in the last 3).
+HALF = WINDOWS // 2
 RSS_GROWTH = 1.5  # largest worker RSS, last window vs first: both cache tiers are full within the first window
 FD_SLACK = 2  # per process: a worker may hold one more pooled Redis connection (and its socket) at any moment
 
@@ -320,11 +325,11 @@ def summarize(
     five = {f"{p} {s}": n for (p, s), n in statuses.items() if s >= 500}
     unexpected = {f"{p} {s}": n for (p, s), n in statuses.items() if s not in EXPECTED.get(p, set())}
     p99s = [w["p99_ms"] for w in windows]
-    # Medians of 3 windows, so one neighbour's burst at either end moves nothing. A rise while other processes took
-    # QUIET cores or more (the median over the last 3 windows) is not judged Sibyl's: the check passes, marked
+    # Medians of half the windows each, so one burst at either end moves nothing. A rise while other processes took
+    # QUIET cores or more (the median over the last half) is not judged Sibyl's: the check passes, marked
     # "judged": false, and its detail says why.
-    first, last = statistics.median(p99s[:THIRD]), statistics.median(p99s[-THIRD:])
-    busy = statistics.median(w["cores"]["others"] for w in windows[-THIRD:])
+    first, last = statistics.median(p99s[:HALF]), statistics.median(p99s[-HALF:])
+    busy = statistics.median(w["cores"]["others"] for w in windows[-HALF:])
     stable = last <= P99_RATIO * first
     judged = stable or busy < QUIET
     rss_first, rss_last = max(windows[0]["worker_rss_mib"]), max(windows[-1]["worker_rss_mib"])
@@ -355,7 +360,7 @@ def summarize(
         check(
             "p99 stable",
             stable or not judged,
-            f"median p99 of the last {THIRD} windows {last:.1f} ms, of the first {THIRD} {first:.1f} ms "
+            f"median p99 of the last {HALF} windows {last:.1f} ms, of the first {HALF} {first:.1f} ms "
             f"(limit {P99_RATIO}x); p99 per window: {p99s}"
             + ("" if judged else f"; not judged: other processes used {busy} cores meanwhile (>= {QUIET})"),
             judged,
@@ -391,7 +396,7 @@ def summarize(
         "statuses": {str(s): n for s, n in sorted(sent.items())},
         "socket_errors": dict(socket_errors),
         "windows": windows,
-        "p99_ms": {"first_3_median": first, "last_3_median": last, "judged": judged, "per_window": p99s},
+        "p99_ms": {"first_half_median": first, "last_half_median": last, "judged": judged, "per_window": p99s},
         "worker_restarts": restarts,
         "rollout": rolled,
         "fds": {"after_warmup": before["fds"], "end": after["fds"]},
