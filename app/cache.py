@@ -170,29 +170,26 @@ class PredictionCache:
         return [head + blake(data[i : i + width], digest_size=16).hexdigest() for i in range(0, len(data), width)]
 
     def lookup(
-        self, keys: list[str], valid: Callable[[object], bool], remember: bool = True, shared: bool = True
+        self,
+        keys: list[str],
+        valid: Callable[[object], bool],
+        remember: bool = True,
+        shared: bool = True,
+        local: bool = True,
     ) -> tuple[list, bool]:
-        """Answers for keys (None where absent) from this worker's memory, then Redis unless shared is False (a
-        model whose cache policy keeps it out of Redis); and whether the tiers asked answered.
+        """Answers for keys (None where absent) from this worker's memory unless local is False (a batch: see
+        pipeline.LOCAL_MAX_ROWS), then Redis unless shared is False (a model whose cache policy keeps it out of
+        Redis); and whether the tiers asked answered.
 
         A stored value that doesn't decode, or that `valid` rejects (another version's format), is a miss. Rows
-        fetched from Redis are kept locally unless remember is False (Cache-Control: no-store).
+        fetched from Redis are kept locally when local, unless remember is False (Cache-Control: no-store).
         """
         now = time.monotonic()
-        local = self._local
         values = [None] * len(keys)
-        missing = []
-        for i, key in enumerate(keys):
-            entry = local.get(key)
-            if entry is not None and entry[0] > now:
-                values[i] = orjson.loads(entry[1][_HEAD:])
-                # Least recently used goes first. try, not contextlib.suppress: 24 ns a hit against 330.
-                try:  # noqa: SIM105
-                    local.move_to_end(key)
-                except KeyError:  # another thread dropped it meanwhile
-                    pass
-            else:
-                missing.append(i)
+        if not (local and self.local_entries):
+            missing, remember = range(len(keys)), False
+        else:
+            missing = self._from_local(keys, values, now)
         if not missing or not shared:
             return values, True
         stored = self.get_many([keys[i] for i in missing])
@@ -205,21 +202,41 @@ class PredictionCache:
                 # Past its expiry is a miss: an MSET-stored value has no Redis expiry, so CACHE_TTL is kept here.
                 if value is not None and expires > wall and valid(value):
                     values[i] = value
-                    found.append((keys[i], now + expires - wall, raw))
+                    if remember:
+                        found.append((keys[i], now + expires - wall, raw))
         if remember:
             self._remember(found)
         return values, True
 
-    def store(self, items: list[tuple[str, object]], shared: bool = True) -> None:
-        """Keep fresh answers in this worker's memory and (when shared) in Redis, stored before this returns."""
+    def _from_local(self, keys: list[str], values: list, now: float) -> list[int]:
+        """Fill values from this worker's tier; the places of the keys it does not hold."""
+        local = self._local
+        missing = []
+        for i, key in enumerate(keys):
+            entry = local.get(key)
+            if entry is not None and entry[0] > now:
+                values[i] = orjson.loads(entry[1][_HEAD:])
+                # Least recently used goes first. try, not contextlib.suppress: 24 ns a hit against 330.
+                try:  # noqa: SIM105
+                    local.move_to_end(key)
+                except KeyError:  # another thread dropped it meanwhile
+                    pass
+            else:
+                missing.append(i)
+        return missing
+
+    def store(self, items: list[tuple[str, object]], shared: bool = True, local: bool = True) -> None:
+        """Keep fresh answers in this worker's memory (when local) and in Redis (when shared), stored before this
+        returns."""
         send = shared and self.usable() and self._writes.allows()
-        if not items or not (send or self.local_entries):
+        local = local and self.local_entries
+        if not items or not (send or local):
             return  # checked before encoding: a dead Redis costs no work per request
         # The concatenation copies each answer out of orjson's 1 KiB buffer: kept alive by the thousand (a batch's
         # command, the local tier) those cost 1.9 us each to allocate and 1 KiB each to hold.
         head = b"%013d " % ((time.time() + self.ttl) * 1000)
         encoded = [(key, head + orjson.dumps(value)) for key, value in items]
-        if self.local_entries:
+        if local:
             expires = time.monotonic() + self.ttl
             self._remember([(key, expires, raw) for key, raw in encoded])
         if send:

@@ -10,10 +10,11 @@ from app.cache import PredictionCache
 from app.errors import ApiError
 from app.registry import Model
 
-# A model whose tiers are "local" (CACHE_POLICY=auto found its rows cheaper than a Redis round trip) uses the worker's
-# tier for requests of up to this many rows only: for a batch of new rows the tier's digests and copies cost about
-# 2 us a row, more than such a model takes to predict a row of a batch (1 to 6 us, compiled), so only repeated small
-# requests gain from it (docs/benchmark.md).
+# The worker's tier keeps and serves the answers of requests of up to this many rows only. Repeated small requests are
+# what it saves a round trip for; a batch of new rows would pay its copies (about 0.5 us a row, and a batch's rows
+# push out the small requests' answers) for rows Redis holds anyway. A model whose tiers are "local" (CACHE_POLICY=auto
+# found its rows cheaper than a Redis round trip) skips the cache for larger requests: there the digests alone cost
+# more than the model takes to predict a row of a batch (1 to 6 us, compiled) (docs/benchmark.md).
 LOCAL_MAX_ROWS = 8
 
 
@@ -47,7 +48,8 @@ def predict(
     t0 = perf_counter()
     # The model's cache tiers are read here and nowhere else: off, local (this worker's memory), redis (then Redis).
     tiers = model.cache_tiers
-    if tiers == "off" or not cache.enabled or (tiers == "local" and len(X) > LOCAL_MAX_ROWS):
+    local = len(X) <= LOCAL_MAX_ROWS
+    if tiers == "off" or not cache.enabled or (tiers == "local" and not local):
         keys, stored, redis_ok = None, None, False
     else:
         # Answers depend on the artifact, the backend that computed them (its precision and library versions)
@@ -56,7 +58,7 @@ def predict(
         valid = _valid_proba if proba else _valid_label
         # A bypass predicts every row, as a cache that holds nothing would (its outcome is BYPASS regardless).
         shared = tiers == "redis"
-        stored, redis_ok = cache.lookup(keys, valid, store, shared) if lookup else (None, False)
+        stored, redis_ok = cache.lookup(keys, valid, store, shared, local) if lookup else (None, False)
     t1 = perf_counter()
 
     if stored is None:
@@ -71,7 +73,7 @@ def predict(
     t2 = perf_counter()
 
     if keys and missing and store:
-        cache.store([(keys[i], rows[i]) for i in missing], shared)
+        cache.store([(keys[i], rows[i]) for i in missing], shared, local)
     t3 = perf_counter()
 
     if not lookup and keys:

@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
 from app.cache import PredictionCache
+from app.pipeline import LOCAL_MAX_ROWS
 from app.registry import save_model
 from tests.support.servers import json_lines, requests_in
 
@@ -749,6 +750,23 @@ def test_local_tier_evicts_the_least_recently_used(make_service):
     assert cache_header(svc.predict([ROW_A])) == ("HIT", "1")
     assert cache_header(svc.predict([ROW_C])) == ("HIT", "1")
     assert cache_header(svc.predict([ROW_B])) == ("MISS", "0")
+
+
+def test_worker_tier_keeps_the_answers_of_small_requests_only(make_service):
+    """The worker's tier keeps and serves the rows of requests of up to LOCAL_MAX_ROWS rows; a larger batch's rows are
+    Redis's alone (copying them cost more than they saved), so with Redis emptied the batch is a miss again."""
+    svc = make_service(CACHE_LOCAL_ENTRIES=100)
+    rng = np.random.default_rng(7)
+    batch = np.round(rng.uniform([4.3, 2.0, 1.0, 0.1], [7.9, 4.4, 6.9, 2.5], size=(LOCAL_MAX_ROWS + 1, 4)), 2).tolist()
+    small = batch[:LOCAL_MAX_ROWS]
+    assert cache_header(svc.predict(batch)) == ("MISS", "0")
+    assert cache_header(svc.predict(batch)) == ("HIT", str(len(batch)))  # from Redis
+    svc.redis.flushall()
+    assert cache_header(svc.predict(batch)) == ("MISS", "0")  # nothing kept in the worker
+    assert cache_header(svc.predict(small)) == ("HIT", str(len(small)))  # from Redis: the batch above stored them
+    svc.redis.flushall()
+    assert cache_header(svc.predict(small)) == ("HIT", str(len(small)))  # from the worker: fetched and kept
+    assert cache_header(svc.predict(batch)) == ("MISS", "0")  # a batch does not look in the worker's tier
 
 
 def test_local_copy_of_a_fetched_row_expires_with_redis_copy(make_service):
