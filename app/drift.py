@@ -27,8 +27,8 @@ MIN_ROWS = 100
 # window changes no alert.
 REPORT_SHARE = 0.01
 # Requests of up to this many rows are binned in Python (bisect per value, counts in a list): for one row of 20
-# features that is 8 us against 33 us for the numpy calls (a searchsorted per feature, bincounts), whose fixed cost
-# only pays off on larger batches.
+# features that is 8 us against 28 us for the numpy calls (a comparison per rank of cut points, bincounts), whose
+# fixed cost only pays off on larger batches (even at 8 rows: 46 us each).
 SMALL_BATCH = 8
 
 # The worst worker alerts: each worker has its own window, and a drifted slice of traffic may reach only some.
@@ -147,6 +147,12 @@ class Window:
         self.size = size
         self.min_rows = min(size, MIN_ROWS)
         self.edges = [np.asarray(f["edges"], dtype=np.float64) for f in ref["features"]]
+        # The same cut points by rank: row c holds each feature's c-th cut point (infinity past a feature's last), so
+        # a batch is binned with one comparison of all its values per rank (cut <= X).
+        ranks = np.full((max((len(e) for e in self.edges), default=0), len(self.edges)), np.inf)
+        for j, e in enumerate(self.edges):
+            ranks[: len(e), j] = e
+        self._ranks = list(ranks)
         predictions = ref["predictions"]
         if model.classes is not None:
             self.classes = np.asarray(model.classes)  # scikit-learn keeps classes_ sorted: searchsorted finds each
@@ -193,11 +199,13 @@ class Window:
         if len(X) > self.size:  # only the newest rows stay in the window
             X, predictions = X[-self.size :], predictions[-self.size :]
         k = len(X)
-        binned = np.empty((k, self.columns), dtype=np.int32)
-        # One searchsorted per feature: one comparison of every row with every cut point saves 3 us on a one-row
-        # request but costs 3x as much on a 1000-row one (measured).
-        for j, edges in enumerate(self.edges):
-            binned[:, j] = np.searchsorted(edges, X[:, j], side="right")
+        binned = np.zeros((k, self.columns), dtype=np.int32)
+        # A value's bin is the number of cut points at or below it (searchsorted's side="right"), counted one rank of
+        # cut points at a time over all features: 100 us for 1000 rows of 20 features, against 325 for a searchsorted
+        # per feature (measured).
+        features = binned[:, :-1]
+        for cut in self._ranks:
+            features += cut <= X
         if self.classes is not None:
             binned[:, -1] = np.searchsorted(self.classes, np.asarray(predictions))
         else:
@@ -244,12 +252,15 @@ class Window:
         place = self.rows + np.arange(k)
         slots = place % self.size
         length = len(self._counts)
-        counts = self.counts
-        if place[-1] >= self.size:  # these slots hold older rows, which leave the window
-            old = slots[place >= self.size]
-            counts -= np.bincount(self.ring[old].ravel(), minlength=length)
+        if k == self.size:  # the batch is the whole window (observe keeps only its newest rows): nothing older stays
+            counts = np.bincount(binned.ravel(), minlength=length)
+        else:
+            counts = self.counts
+            if place[-1] >= self.size:  # these slots hold older rows, which leave the window
+                old = slots[place >= self.size]
+                counts -= np.bincount(self.ring[old].ravel(), minlength=length)
+            counts += np.bincount(binned.ravel(), minlength=length)
         self.ring[slots] = binned
-        counts += np.bincount(binned.ravel(), minlength=length)
         self._counts = counts.tolist()
         self.rows += k
         self.unreported += k

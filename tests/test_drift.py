@@ -144,14 +144,18 @@ def test_drift_window_zero_turns_drift_off(make_app):
 
 def test_ring_counts_are_the_last_window_rows(iris_path):
     """After batches of every size (larger than the window too), the counts are exactly the bins of the last
-    DRIFT_WINDOW rows, and PSI is computed from them."""
+    DRIFT_WINDOW rows, and PSI is computed from them; a value equal to a cut point is binned as searchsorted's
+    side="right" bins it (in the bin above), on the small-batch path and the numpy one."""
     model = load_model(iris_path)
     window = Window(model, 37)
     rng = np.random.default_rng(5)
     X = np.empty((0, 4))
     labels: list = []
-    for k in [1, 5, 36, 2, 40, 80, 3, 37, 1]:
-        batch = IRIS[rng.integers(0, 150, k)] + rng.normal(0, 0.5, (k, 4))
+    # Rows made of the reference's own cut points: row r holds each feature's r-th (cycling).
+    cuts = np.array([[e[r % len(e)] for e in window.edges] for r in range(20)])
+    noisy = [IRIS[rng.integers(0, 150, k)] + rng.normal(0, 0.5, (k, 4)) for k in [1, 5, 36, 2, 40, 80, 3, 37, 1]]
+    for batch in [*noisy, cuts, cuts[:3]]:
+        k = len(batch)
         predicted = rng.choice(model.classes, k).tolist()
         window.observe(batch, predicted)
         X, labels = np.vstack([X, batch])[-37:], [*labels, *predicted][-37:]
