@@ -39,11 +39,8 @@ def create_app(config: dict | None = None) -> Flask:
     # The limits and feedback share one Redis client and its breakers: the cache's, or one of their own.
     redis = shared_redis(app.config, cache)
     limits.init_app(app, redis)
-    if hops := app.config["TRUSTED_PROXY_HOPS"]:
-        # The client's address (limits, request and audit logs) from the X-Forwarded-For the proxies in front append.
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=0)
     # Imported here: `python -m app.cli` must not find app.cli half-imported through this package.
-    from app import admin, feedback, health, openapi, page, status
+    from app import admin, direct, feedback, health, openapi, page, status
     from app.protocols import kserve, mlflow, native, refuse_encoded_slash, v2
 
     # CACHE_POLICY=auto weighs each model's predict cost against this Redis round trip.
@@ -54,5 +51,9 @@ def create_app(config: dict | None = None) -> Flask:
     app.before_request(refuse_encoded_slash)
     for module in (health, native, mlflow, kserve, v2, feedback, admin, openapi, page, status):
         app.register_blueprint(module.bp)
-    metrics.init_app(app)  # last: it records the models loaded above, and serves /metrics
+    metrics.init_app(app)  # it records the models loaded above, and serves /metrics
+    direct.wrap(app)  # the common POST /predict, around Flask's dispatch
+    if hops := app.config["TRUSTED_PROXY_HOPS"]:
+        # The client's address (limits, request and audit logs) from the X-Forwarded-For the proxies in front append.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=0)
     return app

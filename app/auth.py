@@ -103,14 +103,18 @@ def load_users(app: Flask) -> dict[str, User]:
     return users
 
 
-@basic.verify_password
-def verify_password(username: str, password: str) -> str | None:
-    """Return the user when the key's digest matches, in time independent of which part was wrong."""
-    users = current_app.extensions["sibyl.users"]
+def check_key(users: dict[str, User], username: str, password: str) -> str | None:
+    """The user when the key's digest matches theirs, in time independent of which part was wrong; None otherwise."""
     digest = hashlib.sha256(password.encode()).digest()
     user = users.get(username)
     ok = hmac.compare_digest(digest, user.digest if user else _DUMMY)
-    return _checked(username if ok and user else None)
+    return username if ok and user else None
+
+
+@basic.verify_password
+def verify_password(username: str, password: str) -> str | None:
+    """Return the user when the key's digest matches (check_key), counted against the limits."""
+    return _checked(check_key(current_app.extensions["sibyl.users"], username, password))
 
 
 @bearer.verify_token
@@ -131,7 +135,7 @@ def _checked(name: str | None) -> str | None:
     if name is not None:
         g.log["user"] = name
         roles = current_app.extensions["sibyl.users"][name].roles
-    current_app.extensions["sibyl.limits"].count(name, roles)
+    current_app.extensions["sibyl.limits"].count(name, roles, request.remote_addr, "Authorization" in request.headers)
     return name
 
 

@@ -118,10 +118,19 @@ def render_unreadable_body(e: ParseException | NoMoreData) -> Response:
     return error_response(400, "bad_request", message)
 
 
+CRASH = ApiError(500, "internal_error", "Internal server error; quote the request_id when reporting it.")
+
+
+def crashed(request_id: str | None) -> ApiError:
+    """A bug, in an exception handler: its trace to the server log, tied to the request id; the caller gets a
+    generic 500 (CRASH)."""
+    log.exception("unhandled error (request_id=%s)", request_id)
+    return CRASH
+
+
 def render_crash(e: Exception) -> Response:
     """A bug: a generic 500 for the caller; the trace stays in the server log, tied to the request id."""
-    log.exception("unhandled error (request_id=%s)", g.get("request_id"))
-    return error_response(500, "internal_error", "Internal server error; quote the request_id when reporting it.")
+    return render_api_error(crashed(g.get("request_id")))
 
 
 def register_handlers(target: Flask | Blueprint, shape: Shape | None = None) -> None:

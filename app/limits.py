@@ -6,7 +6,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from flask import Flask, request
+from flask import Flask
 from redis.cluster import PipelineCommand
 
 from app.audit import audit
@@ -104,16 +104,20 @@ class Limits:
         role = "admin" if "admin" in roles else "metrics" if "metrics" in roles else "predict"
         return self.by_role[role]
 
-    def count(self, user: str | None, roles: tuple[str, ...] = ()) -> None:
-        """Count a request whose credentials were just checked (user None: refused). Raise a 429 when its address has
-        too many refused logins (whatever the credentials were, so a throttled address learns nothing from its
-        guesses), or when the user is over their limit. At most one Redis round trip settles both."""
-        if user is None and "Authorization" not in request.headers:
+    def count(self, user: str | None, roles: tuple[str, ...], address: str | None, sent: bool = True) -> None:
+        """Count a request whose credentials were just checked (user None: refused; sent: whether it carried any),
+        from the client's address. Raise a 429 when the address has too many refused logins (whatever the credentials
+        were, so a throttled address learns nothing from its guesses), or when the user is over their limit. At most
+        one Redis round trip settles both."""
+        if user is None and not sent:
             return  # no credentials sent (a browser's first request): nothing was refused
         counts = {}  # what -> (key, window in ms, what to add)
         if self.logins:
-            address = _digest(request.remote_addr or "")
-            counts["address"] = (self._address_head + address, self.logins.seconds * 1000, int(user is None))
+            counts["address"] = (
+                self._address_head + _digest(address or ""),
+                self.logins.seconds * 1000,
+                int(user is None),
+            )
         rate = self.rate_for(roles) if user is not None else None
         if rate:
             counts["user"] = (self._user_head + _digest(user), rate.seconds * 1000, 1)

@@ -134,19 +134,28 @@ class Metrics:
         self._by_request: dict[tuple, tuple] = {}
         self._by_prediction: dict[tuple, tuple] = {}
 
-    def request_done(self, status: int, duration: float, now: float, cache) -> None:
-        """Count one answered request and its latency; refresh the per-worker gauges when they are due."""
-        rule = request.url_rule  # None when routing failed
-        method = request.environ["REQUEST_METHOD"]
+    def request_done(
+        self,
+        endpoint: str | None,
+        protocol: str | None,
+        method: str,
+        status: int,
+        answered: dict,
+        duration: float,
+        now: float,
+        cache,
+    ) -> None:
+        """Count one answered request and its latency; refresh the per-worker gauges when they are due. endpoint and
+        protocol are None when routing failed; answered is the request log's fields (model and version once a route
+        resolved one)."""
         if method not in _METHODS:
             method = "other"
-        answered = g.log  # request_log's fields: model and version once a route resolved one
         model, version = answered.get("model", ""), answered.get("version", "")
-        key = (rule.endpoint if rule else None, method, status, model, version)
+        key = (endpoint, method, status, model, version)
         children = self._by_request.get(key)
         if children is None:
-            endpoint = key[0] or "unknown"
-            protocol = request.blueprint or "none"
+            endpoint = endpoint or "unknown"
+            protocol = protocol or "none"
             children = (
                 self.requests.labels(endpoint, method, protocol, str(status), model, version),
                 self.duration.labels(endpoint, protocol, model, version),

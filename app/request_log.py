@@ -162,15 +162,66 @@ def write(logger: logging.Logger, level: int, message: str, fields: dict) -> Non
         handler.handle(logger.makeRecord(logger.name, level, "", 0, message, (), None, extra={"fields": fields}))
 
 
+def request_id(sent: str) -> str:
+    """The request's id: the caller's X-Request-ID when it is a safe token, else a new random one."""
+    return sent if REQUEST_ID.fullmatch(sent) else os.urandom(16).hex()
+
+
+def server_timing(duration: float) -> str:
+    """The Server-Timing header's value: the server's own time, apart from the network's (browsers show it, as the
+    web page does, and so does curl -i)."""
+    return f"app;dur={duration * 1000:.3f}"
+
+
+class RequestLines:
+    """Writes each request's one line: the fields every line has, then what the request's steps logged."""
+
+    def __init__(self) -> None:
+        (self.handler,) = logging.getLogger("app").handlers
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self.enabled = log.isEnabledFor(logging.INFO)
+        # JSON request lines skip the LogRecord (caller lookup, thread and process names, handler dispatch):
+        # the same line for a third of the cost, on every request. Text lines are for people; they take the long way.
+        self.direct = isinstance(self.handler.formatter, JsonFormatter)
+
+    def write(
+        self,
+        request_id: str,
+        remote_addr: str | None,
+        method: str,
+        path: str,
+        status: int,
+        duration: float,
+        logged: dict,
+        timings: dict | None,
+    ) -> None:
+        """One request's line; logged holds what its steps found (user, model, rows, cache), timings the pipeline's
+        steps (written at DEBUG)."""
+        if not self.enabled:  # LOG_LEVEL=WARNING: don't build a line nobody will write
+            return
+        fields = {
+            "request_id": request_id,
+            "pid": os.getpid(),  # which gunicorn worker answered
+            "remote_addr": remote_addr,
+            "user": None,
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round(duration * 1000, 3),
+            **logged,
+        }
+        if self.debug and timings is not None:
+            fields["steps_ms"] = {k: round(v * 1000, 3) for k, v in timings.items()}
+        if self.direct:
+            self.handler.write(json_line(time(), "INFO", log.name, "request", fields))
+        else:
+            log.info("request", extra={"fields": fields})
+
+
 def init_app(app: Flask) -> None:
     """Give each request an id, and log it once it has its response."""
     configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
-    debug = log.isEnabledFor(logging.DEBUG)
-    enabled = log.isEnabledFor(logging.INFO)
-    (handler,) = logging.getLogger("app").handlers
-    # JSON request lines skip the LogRecord (caller lookup, thread and process names, handler dispatch):
-    # the same line for a third of the cost, on every request. Text lines are for people; they take the long way.
-    direct = isinstance(handler.formatter, JsonFormatter)
+    lines = app.extensions["sibyl.request_log"] = RequestLines()
     # Created by metrics.init_app later in create_app; looked up per request, as the app is built after this.
     extensions = app.extensions
 
@@ -178,13 +229,12 @@ def init_app(app: Flask) -> None:
         if "sibyl.metrics" in extensions:  # a line dropped before the metrics exist goes uncounted
             extensions["sibyl.metrics"].log_lines_dropped.inc()
 
-    handler.dropped = _dropped
+    lines.handler.dropped = _dropped
 
     @app.before_request
     def _start() -> None:
         g.start = perf_counter()
-        sent = request.headers.get("X-Request-ID", "")
-        g.request_id = sent if REQUEST_ID.fullmatch(sent) else os.urandom(16).hex()
+        g.request_id = request_id(request.headers.get("X-Request-ID", ""))
         g.log = {}
 
     @app.after_request
@@ -192,26 +242,19 @@ def init_app(app: Flask) -> None:
         response.headers["X-Request-ID"] = g.request_id
         now = perf_counter()
         duration = now - g.start  # the one timing: the log line, the latency histogram and Server-Timing share it
-        # The server's own time, apart from the network's: browsers show it (the web page does), as do curl -i users.
-        response.headers.add("Server-Timing", f"app;dur={duration * 1000:.3f}")  # add: no scan for an old one
-        extensions["sibyl.metrics"].request_done(response.status_code, duration, now, extensions["sibyl.cache"])
-        if not enabled:  # LOG_LEVEL=WARNING: don't build a line nobody will write
-            return response
-        fields = {
-            "request_id": g.request_id,
-            "pid": os.getpid(),  # which gunicorn worker answered
-            "remote_addr": request.remote_addr,
-            "user": None,
-            "method": request.method,
-            "path": request.path,
-            "status": response.status_code,
-            "duration_ms": round(duration * 1000, 3),
-            **g.log,
-        }
-        if debug and "timings" in g:
-            fields["steps_ms"] = {k: round(v * 1000, 3) for k, v in g.timings.items()}
-        if direct:
-            handler.write(json_line(time(), "INFO", log.name, "request", fields))
-        else:
-            log.info("request", extra={"fields": fields})
+        response.headers.add("Server-Timing", server_timing(duration))  # add: no scan for an old one
+        status, rule = response.status_code, request.url_rule  # no rule when routing failed
+        extensions["sibyl.metrics"].request_done(
+            rule and rule.endpoint,
+            request.blueprint,
+            request.environ["REQUEST_METHOD"],
+            status,
+            g.log,
+            duration,
+            now,
+            extensions["sibyl.cache"],
+        )
+        lines.write(
+            g.request_id, request.remote_addr, request.method, request.path, status, duration, g.log, g.get("timings")
+        )
         return response

@@ -61,7 +61,9 @@ def main(model_path: str, backend: str, redis_url: str = "") -> None:
         g.log = {"model": model.name, "version": model.version}  # what request_log and log_model leave for a predict
         now = perf_counter()
         figures = {
-            "request_us": per_call(lambda _: metrics.request_done(200, 0.001, now, cache)),
+            "request_us": per_call(
+                lambda _: metrics.request_done("native.predict", "native", "POST", 200, g.log, 0.001, now, cache)
+            ),
             "prediction_us": per_call(lambda _: metrics.prediction(result, 1, cache)),
             "drift_1_row_us": per_call(lambda _: drift.observe(model, X, result.predictions)),
         }
@@ -117,7 +119,7 @@ def rate_limit_us(app, header: str, redis_url: str) -> float:
         )
     environ = {"REMOTE_ADDR": "127.0.0.1"}
     with app.test_request_context("/predict", method="POST", headers={"Authorization": header}, environ_base=environ):
-        us = per_call(lambda _: counter.count(USER, roles))
+        us = per_call(lambda _: counter.count(USER, roles, "127.0.0.1"))
     # Loud if it never reached Redis (its breaker open, a wrong URL): the number would be a local counter's.
     with redis.Redis.from_url(redis_url) as client:
         if not any(client.scan_iter(match=f"{app.config['CACHE_PREFIX']}limit:user:*")):

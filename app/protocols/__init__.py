@@ -55,11 +55,14 @@ def parse_json(data: bytes, example: str = '{"features": [[...]]}') -> dict:
 
 def read_body() -> bytes:
     """The request body's bytes, inflated when gzip, within MAX_BODY_BYTES (413 past it); b"" when none was sent."""
+    return body_of(request.environ, request.content_length, current_app.config["MAX_CONTENT_LENGTH"])
+
+
+def body_of(environ: dict, length: int | None, limit: int) -> bytes:
+    """read_body for a WSGI environ and its Content-Length (None: none sent)."""
     # The body is read from wsgi.input directly, chunked or not. Werkzeug's limited stream would cut a chunked
     # body at the limit without a word (it would then read as broken JSON), and its wrapping costs more than
     # the read itself (about 10 us a request).
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    environ, length = request.environ, request.content_length
     if length is not None and length > limit:
         raise RequestEntityTooLarge()
     if length is None and not environ.get("wsgi.input_terminated"):
@@ -132,22 +135,38 @@ def log_model(model: Model) -> None:
 
 
 def run(model: Model, X: np.ndarray, proba: bool) -> Prediction:
-    """The one pipeline for every protocol: Cache-Control honoured, keys scoped to the caller, the outcome logged."""
+    """serve() for a Flask view: the caller, request id and Cache-Control of the request in hand."""
+    cache_control = request.environ.get("HTTP_CACHE_CONTROL")
+    result = serve(current_app.extensions, model, X, proba, auth.current_user(), g.request_id, g.log, cache_control)
+    g.timings = result.timings
+    return result
+
+
+def serve(
+    extensions: dict,
+    model: Model,
+    X: np.ndarray,
+    proba: bool,
+    user: str | None,
+    request_id: str,
+    logged: dict,
+    cache_control: str | None,
+) -> Prediction:
+    """The one pipeline for every protocol, with the app's extensions: Cache-Control honoured, keys scoped to the
+    caller, the outcome added to the request's log fields (logged), drift, kept predictions and metrics recorded."""
     # Parse Cache-Control only when sent: werkzeug's parser costs more than the rest of a cache hit. Lowercased
     # first: directives are case-insensitive (RFC 9111 5.2), werkzeug matches them exactly.
     lookup, store = True, True
-    if sent := request.environ.get("HTTP_CACHE_CONTROL"):
-        cc = parse_cache_control_header(sent.lower(), cls=RequestCacheControl)
+    if cache_control:
+        cc = parse_cache_control_header(cache_control.lower(), cls=RequestCacheControl)
         lookup, store = not cc.no_cache, not cc.no_store
-    cache = current_app.extensions["sibyl.cache"]
-    user = auth.current_user()
+    cache = extensions["sibyl.cache"]
     result = pipeline.predict(model, X, proba, cache, lookup=lookup, store=store, user=user)
-    g.log.update(rows=len(X), cache=result.cache, cache_hits=result.hits)
+    logged.update(rows=len(X), cache=result.cache, cache_hits=result.hits)
     # Monitoring sees every answered row, cache hits included: they are live traffic all the same.
-    current_app.extensions["sibyl.drift"].observe(result.model, X, result.predictions)
-    current_app.extensions["sibyl.feedback"].remember(g.request_id, result.model, result.predictions, user)
-    g.timings = result.timings
-    current_app.extensions["sibyl.metrics"].prediction(result, len(X), cache)
+    extensions["sibyl.drift"].observe(result.model, X, result.predictions)
+    extensions["sibyl.feedback"].remember(request_id, result.model, result.predictions, user)
+    extensions["sibyl.metrics"].prediction(result, len(X), cache)
     return result
 
 

@@ -1,5 +1,6 @@
 """Sibyl's own protocol: POST /predict and /models/<name>[/versions/<v>]/predict, GET /models, in Sibyl's shapes."""
 
+import numpy as np
 from flask import Blueprint, Response, request
 
 import config
@@ -16,6 +17,7 @@ from app.openapi import (
     request_object,
     row_schema,
 )
+from app.pipeline import Prediction
 from app.protocols import (
     cache_headers,
     default_model,
@@ -94,23 +96,40 @@ def _predict(model: Model) -> Response:
     """Predict every row of the body (JSON, or CSV with a header row) with model; add class probabilities when
     asked."""
     log_model(model)
+    arg = request.args.get("probabilities", "") if request.query_string else ""
     if request.mimetype == "text/csv":
         # A file as it is: `curl --data-binary @rows.csv`, or the web page's batch tab.
         utf8_only()
-        X, proba = from_csv(read_body(), model, max_rows()), _wants_probabilities({})
+        X, proba = from_csv(read_body(), model, max_rows()), _wants_probabilities({}, arg)
+        _check_probabilities(model, proba)
     else:
-        body = read_json(_MEDIA)
-        field = _rows_field(body)
-        proba = _wants_probabilities(body)
-        X = to_matrix(body[field], model, max_rows(), field)
-    if proba and not model.has_proba:
-        raise invalid(f"model {model.name} is a {model.task} model and gives no probabilities; drop 'probabilities'")
+        X, proba = rows_from(read_json(_MEDIA), model, max_rows(), arg)
     result = run(model, X, proba)
-    answered = {"name": result.model.name, "version": result.model.version}
-    payload = {"predictions": result.predictions, "model": answered}
+    return json_response(answer(result), headers=cache_headers(result))
+
+
+def rows_from(body: dict, model: Model, max_rows: int, arg: str = "") -> tuple[np.ndarray, bool]:
+    """A JSON body's rows as the model's matrix, and whether it asks for probabilities (in the body, or ?probabilities=
+    as arg); a 400 saying what to fix otherwise."""
+    field = _rows_field(body)
+    proba = _wants_probabilities(body, arg)
+    X = to_matrix(body[field], model, max_rows, field)
+    _check_probabilities(model, proba)
+    return X, proba
+
+
+def answer(result: Prediction) -> dict:
+    """The reply's body: one prediction per row, the version that answered, probabilities when asked."""
+    payload = {"predictions": result.predictions, "model": {"name": result.model.name, "version": result.model.version}}
     if result.probabilities is not None:
         payload["probabilities"] = result.probabilities
-    return json_response(payload, headers=cache_headers(result))
+    return payload
+
+
+def _check_probabilities(model: Model, proba: bool) -> None:
+    """A 400 when probabilities are asked of a model that gives none."""
+    if proba and not model.has_proba:
+        raise invalid(f"model {model.name} is a {model.task} model and gives no probabilities; drop 'probabilities'")
 
 
 def _rows_field(body: dict) -> str:
@@ -125,12 +144,11 @@ def _rows_field(body: dict) -> str:
     return present[0]
 
 
-def _wants_probabilities(body: dict) -> bool:
-    """ "probabilities": true in the body, or ?probabilities=true."""
+def _wants_probabilities(body: dict, arg: str) -> bool:
+    """ "probabilities": true in the body, or ?probabilities=true (arg, the query's value)."""
     flag = body.get("probabilities", False)
     if type(flag) is not bool:
         raise invalid("'probabilities' must be true or false")
-    arg = request.args.get("probabilities", "") if request.query_string else ""
     try:
         if arg != arg.strip():  # the documented pattern has no spaces (and a schema's \s is not Python's)
             raise ValueError(arg)

@@ -1,0 +1,134 @@
+"""(0) POST /predict in its common form, answered straight from WSGI: the native route's own steps (auth, limits,
+body, rows, the one pipeline, the reply, metrics, the log line) called with what the environ holds, without Flask's
+request dispatch (its context, routing, hooks and response objects cost 80-130 us a request, docs/benchmark.md).
+Anything else (another path or method, a query string, a compressed, chunked or oversized body, another media type,
+a bearer token, a browser's cross-site headers, the metrics listener, credentials that don't check out) goes to
+Flask untouched, before any step has counted it, and gets the same answer there."""
+
+from collections.abc import Callable
+from time import perf_counter
+
+import orjson
+from flask import Flask
+from werkzeug.datastructures import Authorization
+from werkzeug.http import HTTP_STATUS_CODES
+
+from app.auth import check_key
+from app.errors import ApiError, crashed, error_body
+from app.protocols import body_of, cache_headers, parse_json, serve
+from app.protocols.native import answer, rows_from
+from app.request_log import request_id, server_timing
+
+PATH = "/predict"
+ENDPOINT, PROTOCOL = "native.predict", "native"  # the Flask route it stands for, in metrics
+_JSON = "application/json"
+_OPTS = orjson.OPT_SERIALIZE_NUMPY  # json_response's
+
+
+class DirectPredict:
+    """WSGI middleware over Flask's wsgi_app: the common POST /predict here, everything else to Flask."""
+
+    def __init__(self, app: Flask, flask_wsgi: Callable) -> None:
+        self.flask = flask_wsgi
+        self.ext = app.extensions
+        self.limit = app.config["MAX_CONTENT_LENGTH"]
+        self.max_rows = app.config["MAX_ROWS"]
+        bind = app.config["METRICS_BIND"]
+        # With METRICS_BIND, a request that came in on the metrics listener is Flask's (which answers it 404).
+        self.metrics_port = int(bind.rpartition(":")[2]) if bind else None
+
+    def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
+        user = self._caller(environ) if self._plain(environ) else None
+        if user is None:
+            return self.flask(environ, start_response)
+        return self._predict(environ, start_response, user)
+
+    def _plain(self, environ: dict) -> bool:
+        """Whether the request is the form answered here (see the module's docstring)."""
+        length = environ.get("CONTENT_LENGTH", "")
+        return (
+            environ["PATH_INFO"] == PATH
+            and environ["REQUEST_METHOD"] == "POST"
+            and environ.get("CONTENT_TYPE") == _JSON
+            and not environ.get("QUERY_STRING")
+            # Not "/predict" as sent (%2F, an absolute URI): Flask's own checks decide.
+            and environ.get("RAW_URI", PATH) == PATH
+            and length.isdigit()
+            and int(length) <= self.limit
+            and "HTTP_CONTENT_ENCODING" not in environ
+            and "HTTP_TRANSFER_ENCODING" not in environ
+            and "HTTP_ORIGIN" not in environ
+            and "HTTP_SEC_FETCH_SITE" not in environ
+            and self.ext["sibyl.registry"].default_model is not None
+            and (self.metrics_port is None or not self._on_metrics_listener(environ))
+        )
+
+    def _on_metrics_listener(self, environ: dict) -> bool:
+        """Whether the connection came in on METRICS_BIND's port (from the socket itself, as metrics.init_app's)."""
+        sock = environ.get("gunicorn.socket")
+        return sock is not None and sock.getsockname()[1] == self.metrics_port
+
+    def _caller(self, environ: dict) -> str | None:
+        """The user whose basic-auth credentials check out (parsed by Werkzeug, as flask-httpauth's are), or None."""
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if header[:6].lower() != "basic ":
+            return None
+        parsed = Authorization.from_header(header)
+        if parsed is None:
+            return None
+        return check_key(self.ext["sibyl.users"], parsed.username, parsed.password)
+
+    def _predict(self, environ: dict, start_response: Callable, user: str) -> list[bytes]:
+        """The native route's steps for an authenticated request; every failure in its JSON shape."""
+        start = perf_counter()
+        ext = self.ext
+        rid = request_id(environ.get("HTTP_X_REQUEST_ID", ""))
+        metrics = ext["sibyl.metrics"]
+        metrics.in_flight.inc()
+        logged: dict = {"user": user}
+        timings, headers = None, {}
+        try:
+            try:
+                ext["sibyl.limits"].count(user, ext["sibyl.users"][user].roles, environ.get("REMOTE_ADDR"))
+                registry = ext["sibyl.registry"]
+                model = registry.resolve(registry.default_model)
+                logged.update(model=model.name, version=model.version)
+                body = parse_json(body_of(environ, int(environ["CONTENT_LENGTH"]), self.limit))
+                X, proba = rows_from(body, model, self.max_rows)
+                cache_control = environ.get("HTTP_CACHE_CONTROL")
+                result = serve(ext, model, X, proba, user, rid, logged, cache_control)
+                status, data, headers, timings = (
+                    200,
+                    orjson.dumps(answer(result), option=_OPTS),
+                    cache_headers(result),
+                    result.timings,
+                )
+            except ApiError as e:
+                status, data, headers = e.status, error_body(e.code, e.message, rid), e.headers or {}
+            except Exception:  # noqa: BLE001 - a bug: logged with its trace, a generic 500 for the caller
+                e = crashed(rid)
+                status, data = e.status, error_body(e.code, e.message, rid)
+            now = perf_counter()
+            duration = now - start
+            method = environ["REQUEST_METHOD"]
+            metrics.request_done(ENDPOINT, PROTOCOL, method, status, logged, duration, now, ext["sibyl.cache"])
+            remote = environ.get("REMOTE_ADDR")
+            ext["sibyl.request_log"].write(rid, remote, method, PATH, status, duration, logged, timings)
+        finally:
+            metrics.in_flight.dec()
+        start_response(
+            f"{status} {HTTP_STATUS_CODES[status].upper()}",
+            [
+                ("Content-Type", _JSON),
+                ("Content-Length", str(len(data))),
+                *headers.items(),
+                ("X-Request-ID", rid),
+                ("Server-Timing", server_timing(duration)),
+            ],
+        )
+        return [data]
+
+
+def wrap(app: Flask) -> None:
+    """Put DirectPredict in front of the app's WSGI callable (inside any ProxyFix added after it)."""
+    app.wsgi_app = DirectPredict(app, app.wsgi_app)
