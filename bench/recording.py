@@ -14,7 +14,6 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from time import perf_counter
-from types import SimpleNamespace
 
 ROUNDS, CALLS = 5, 5000
 USER = "bench"
@@ -81,30 +80,17 @@ def main(model_path: str, backend: str, redis_url: str = "") -> None:
 
 
 def auth_us(app, header: str) -> float:
-    """The predict routes' auth decorator (flask-httpauth: parse the header, check the key's digest, roles) for a
-    valid key it has checked before, with every limit off: the limiter it calls is timed on its own."""
-    from flask import g, request
+    """What POST /predict does to know its caller (app/direct.py): Werkzeug parses the basic-auth header and the key's
+    digest is checked in constant time; the limiter it calls next is timed on its own."""
+    from app.direct import DirectPredict
 
-    from app import auth, limits
-
-    check = auth.auth.login_required(lambda: None)
-    real = app.extensions["sibyl.limits"]
-    app.extensions["sibyl.limits"] = limits.Limits(None, "", dict.fromkeys(auth.ROLES), None)
-    try:
-        with app.test_request_context("/predict", method="POST", headers={"Authorization": header}):
-            g.log = {}
-            cached = request._get_current_object().__dict__
-
-            def once(_) -> None:
-                # werkzeug keeps the parsed header on the request; each real request parses its own.
-                cached.pop("authorization", None)
-                if check() is not None:  # flask-httpauth's 401/403 response
-                    raise SystemExit("bench.recording: the bench user's credentials were refused")
-
-            once(None)
-            return per_call(once)
-    finally:
-        app.extensions["sibyl.limits"] = real
+    front = app.wsgi_app
+    if not isinstance(front, DirectPredict):
+        raise SystemExit("bench.recording: POST /predict is not answered by app.direct here; time it another way")
+    environ = {"HTTP_AUTHORIZATION": header}
+    if front._caller(environ) != USER:
+        raise SystemExit("bench.recording: the bench user's credentials were refused")
+    return per_call(lambda _: front._caller(environ))
 
 
 def rate_limit_us(app, header: str, redis_url: str) -> float:
@@ -128,37 +114,19 @@ def rate_limit_us(app, header: str, redis_url: str) -> float:
 
 
 def log_line_us(app, fields: dict) -> dict:
-    """request_log's own hooks for one request (its id; after the response, X-Request-ID, Server-Timing and one JSON
-    line) with stdout a pipe another process drains, as gunicorn's is under a container runtime or systemd. The
-    metrics call in the after-request hook is left out here: it is timed on its own."""
-    from flask import g
+    """The request log's part of a POST /predict (app/direct.py): its id, the Server-Timing value and one JSON line,
+    with stdout a pipe another process drains, as gunicorn's is under a container runtime or systemd."""
+    from app.request_log import request_id, server_timing
 
-    from app import request_log
+    lines = app.extensions["sibyl.request_log"]
 
-    def hook(hooks: dict, name: str) -> Callable:
-        found = [f for f in hooks[None] if f.__module__ == request_log.__name__ and f.__name__ == name]
-        if len(found) != 1:
-            raise SystemExit(f"bench.recording: no single {request_log.__name__}.{name} hook to time")
-        return found[0]
+    def once(_) -> None:
+        rid = request_id("")
+        server_timing(0.001)
+        lines.write(rid, "127.0.0.1", "POST", "/predict", 200, 0.001, {**fields}, None)
 
-    start, finish = hook(app.before_request_funcs, "_start"), hook(app.after_request_funcs, "_finish")
-    real = app.extensions["sibyl.metrics"]
-    app.extensions["sibyl.metrics"] = SimpleNamespace(
-        request_done=lambda *_: None, log_lines_dropped=real.log_lines_dropped
-    )
-
-    def once(response) -> None:
-        start()
-        g.log.update(fields)  # what auth, log_model and the pipeline add to a predict's line
-        finish(response)
-
-    try:
-        with app.test_request_context("/predict", method="POST"), stdout_to_pipe() as written:
-            # A fresh response per call: each call adds headers, and a response with thousands of them would make
-            # werkzeug's header scan the thing measured.
-            us = per_call(once, lambda: app.response_class(b'{"predictions":[0]}', mimetype="application/json"))
-    finally:
-        app.extensions["sibyl.metrics"] = real
+    with stdout_to_pipe() as written:
+        us = per_call(once)
     return {"log_line_us": us, "log_lines_dropped": ROUNDS * CALLS - written()}
 
 

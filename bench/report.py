@@ -433,11 +433,12 @@ def main_sections(results: dict) -> list[str]:
         ),
         "",
         "**Cost of each feature per request (µs)**: median µs per call of the functions a 1-row predict calls, in "
-        "process with the servers' settings (bench/recording.py): auth = the predict routes' flask-httpauth decorator "
-        "for a valid key, limits off (the limiter is the next column); rate limit = `Limits.count` for the user, "
-        "counting in the bench's Redis; metrics in prometheus_client's multiprocess mode as under gunicorn; drift "
-        "against the models' reference statistics; request log = request_log's own before- and after-request hooks "
-        "(request id, X-Request-ID and Server-Timing, one JSON line) with stdout a pipe another process drains:",
+        "process with the servers' settings (bench/recording.py), as POST /predict makes them (app/direct.py): auth = "
+        "parsing the basic-auth header and checking the key's digest for a valid key (the limiter is the next "
+        "column); rate limit = `Limits.count` for the user, counting in the bench's Redis; metrics in "
+        "prometheus_client's multiprocess mode as under gunicorn; drift against the models' reference statistics; "
+        "request log = the request id, the Server-Timing value and one JSON line, with stdout a pipe another process "
+        "drains:",
         "",
         *_table(
             ["Model", *(column for _, _, column in FEATURES), "Total", "Log lines dropped"],
