@@ -8,21 +8,20 @@ Flask untouched, before any step has counted it, and gets the same answer there.
 from collections.abc import Callable
 from time import perf_counter
 
-import orjson
 from flask import Flask
 from werkzeug.datastructures import Authorization
 from werkzeug.http import HTTP_STATUS_CODES
 
 from app.auth import check_key
 from app.errors import ApiError, crashed, error_body
-from app.protocols import body_of, cache_headers, parse_json, serve
+from app.metrics import arrived_on, listener_port
+from app.protocols import body_of, cache_headers, json_bytes, parse_json, serve
 from app.protocols.native import answer, rows_from
 from app.request_log import request_id, server_timing
 
 PATH = "/predict"
 ENDPOINT, PROTOCOL = "native.predict", "native"  # the Flask route it stands for, in metrics
 _JSON = "application/json"
-_OPTS = orjson.OPT_SERIALIZE_NUMPY  # json_response's
 
 
 class DirectPredict:
@@ -33,9 +32,8 @@ class DirectPredict:
         self.ext = app.extensions
         self.limit = app.config["MAX_CONTENT_LENGTH"]
         self.max_rows = app.config["MAX_ROWS"]
-        bind = app.config["METRICS_BIND"]
         # With METRICS_BIND, a request that came in on the metrics listener is Flask's (which answers it 404).
-        self.metrics_port = int(bind.rpartition(":")[2]) if bind else None
+        self.metrics_port = listener_port(app.config)
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
         user = self._caller(environ) if self._plain(environ) else None
@@ -60,21 +58,13 @@ class DirectPredict:
             and "HTTP_ORIGIN" not in environ
             and "HTTP_SEC_FETCH_SITE" not in environ
             and self.ext["sibyl.registry"].default_model is not None
-            and (self.metrics_port is None or not self._on_metrics_listener(environ))
+            and (self.metrics_port is None or not arrived_on(environ, self.metrics_port))
         )
-
-    def _on_metrics_listener(self, environ: dict) -> bool:
-        """Whether the connection came in on METRICS_BIND's port (from the socket itself, as metrics.init_app's)."""
-        sock = environ.get("gunicorn.socket")
-        return sock is not None and sock.getsockname()[1] == self.metrics_port
 
     def _caller(self, environ: dict) -> str | None:
         """The user whose basic-auth credentials check out (parsed by Werkzeug, as flask-httpauth's are), or None."""
-        header = environ.get("HTTP_AUTHORIZATION", "")
-        if header[:6].lower() != "basic ":
-            return None
-        parsed = Authorization.from_header(header)
-        if parsed is None:
+        parsed = Authorization.from_header(environ.get("HTTP_AUTHORIZATION"))
+        if parsed is None or parsed.type != "basic":
             return None
         return check_key(self.ext["sibyl.users"], parsed.username, parsed.password)
 
@@ -83,13 +73,14 @@ class DirectPredict:
         start = perf_counter()
         ext = self.ext
         rid = request_id(environ.get("HTTP_X_REQUEST_ID", ""))
-        metrics = ext["sibyl.metrics"]
-        metrics.in_flight.inc()
+        remote = environ.get("REMOTE_ADDR")
+        in_flight = ext["sibyl.metrics"].in_flight
+        in_flight.inc()
         logged: dict = {"user": user}
         timings, headers = None, {}
         try:
             try:
-                ext["sibyl.limits"].count(user, ext["sibyl.users"][user].roles, environ.get("REMOTE_ADDR"))
+                ext["sibyl.limits"].count(user, ext["sibyl.users"][user].roles, remote)
                 registry = ext["sibyl.registry"]
                 model = registry.resolve(registry.default_model)
                 logged.update(model=model.name, version=model.version)
@@ -99,7 +90,7 @@ class DirectPredict:
                 result = serve(ext, model, X, proba, user, rid, logged, cache_control)
                 status, data, headers, timings = (
                     200,
-                    orjson.dumps(answer(result), option=_OPTS),
+                    json_bytes(answer(result)),
                     cache_headers(result),
                     result.timings,
                 )
@@ -108,14 +99,11 @@ class DirectPredict:
             except Exception:  # noqa: BLE001 - a bug: logged with its trace, a generic 500 for the caller
                 e = crashed(rid)
                 status, data = e.status, error_body(e.code, e.message, rid)
-            now = perf_counter()
-            duration = now - start
-            method = environ["REQUEST_METHOD"]
-            metrics.request_done(ENDPOINT, PROTOCOL, method, status, logged, duration, now, ext["sibyl.cache"])
-            remote = environ.get("REMOTE_ADDR")
-            ext["sibyl.request_log"].write(rid, remote, method, PATH, status, duration, logged, timings)
+            duration = ext["sibyl.request_log"].done(
+                rid, remote, "POST", PATH, ENDPOINT, PROTOCOL, status, start, logged, timings
+            )
         finally:
-            metrics.in_flight.dec()
+            in_flight.dec()
         start_response(
             f"{status} {HTTP_STATUS_CODES[status].upper()}",
             [

@@ -124,9 +124,8 @@ class Limits:
         if not counts:
             return
         found = self._counted(counts, rate) if self.redis else None
-        if (
-            found is None
-        ):  # refused logins are counted in this worker; without Redis configured, users too; else they pass
+        if found is None:
+            # Refused logins are counted in this worker; without Redis configured, users too; else they pass.
             found = {what: self._local.count(*c) for what, c in counts.items() if what == "address" or not self.redis}
         if "address" in found:
             refused, left = found["address"]

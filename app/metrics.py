@@ -289,6 +289,19 @@ def metrics() -> Response:
     return current_app.extensions["sibyl.metrics"].render()
 
 
+def listener_port(config: dict) -> str | None:
+    """METRICS_BIND's port, or None when /metrics has no listener of its own."""
+    bind = config["METRICS_BIND"]
+    return bind.rpartition(":")[2] if bind else None
+
+
+def arrived_on(environ: dict, port: str) -> bool:
+    """Whether the request's connection came in on this port. From the socket itself: a Host header (or PROXY line)
+    cannot pretend to be the metrics listener. Outside gunicorn there is no socket: the public side."""
+    sock = environ.get("gunicorn.socket")
+    return sock is not None and str(sock.getsockname()[1]) == port
+
+
 def init_app(app: Flask) -> None:
     """Create the metric objects, record the models served, count in-flight requests, and serve GET /metrics."""
     metrics = app.extensions["sibyl.metrics"] = Metrics()
@@ -307,15 +320,11 @@ def init_app(app: Flask) -> None:
         if g.pop("in_flight", False):
             in_flight.dec()
 
-    if bind := app.config["METRICS_BIND"]:
-        port = str(bind.rpartition(":")[2])
+    if (port := listener_port(app.config)) is not None:
 
         @app.before_request
         def _listener() -> Response | None:
-            # The port the connection arrived on, from the socket itself: a Host header (or PROXY line) cannot
-            # pretend to be the metrics listener. Outside gunicorn there is no socket: the public side.
-            sock = request.environ.get("gunicorn.socket")
-            on_metrics = sock is not None and str(sock.getsockname()[1]) == port
+            on_metrics = arrived_on(request.environ, port)
             if on_metrics != (request.endpoint == ENDPOINT):
                 raise NotFound()
             return metrics.render() if on_metrics else None

@@ -176,13 +176,38 @@ def server_timing(duration: float) -> str:
 class RequestLines:
     """Writes each request's one line: the fields every line has, then what the request's steps logged."""
 
-    def __init__(self) -> None:
+    def __init__(self, extensions: dict) -> None:
+        # The app's: the metrics and the cache, made later in create_app, are looked up per request.
+        self.extensions = extensions
         (self.handler,) = logging.getLogger("app").handlers
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.enabled = log.isEnabledFor(logging.INFO)
         # JSON request lines skip the LogRecord (caller lookup, thread and process names, handler dispatch):
         # the same line for a third of the cost, on every request. Text lines are for people; they take the long way.
         self.direct = isinstance(self.handler.formatter, JsonFormatter)
+
+    def done(
+        self,
+        request_id: str,
+        remote_addr: str | None,
+        method: str,
+        path: str,
+        endpoint: str | None,
+        protocol: str | None,
+        status: int,
+        start: float,
+        logged: dict,
+        timings: dict | None,
+    ) -> float:
+        """A request answered since start (perf_counter): count it in the metrics (endpoint and protocol None when
+        routing failed) and write its line. Returns its duration, the one timing the line, the latency histogram and
+        Server-Timing share."""
+        now = perf_counter()
+        duration = now - start
+        ext = self.extensions
+        ext["sibyl.metrics"].request_done(endpoint, protocol, method, status, logged, duration, now, ext["sibyl.cache"])
+        self.write(request_id, remote_addr, method, path, status, duration, logged, timings)
+        return duration
 
     def write(
         self,
@@ -221,9 +246,8 @@ class RequestLines:
 def init_app(app: Flask) -> None:
     """Give each request an id, and log it once it has its response."""
     configure_logging(app.config["LOG_LEVEL"], app.config["LOG_FORMAT"])
-    lines = app.extensions["sibyl.request_log"] = RequestLines()
-    # Created by metrics.init_app later in create_app; looked up per request, as the app is built after this.
     extensions = app.extensions
+    lines = extensions["sibyl.request_log"] = RequestLines(extensions)
 
     def _dropped() -> None:
         if "sibyl.metrics" in extensions:  # a line dropped before the metrics exist goes uncounted
@@ -239,22 +263,20 @@ def init_app(app: Flask) -> None:
 
     @app.after_request
     def _finish(response: Response) -> Response:
-        response.headers["X-Request-ID"] = g.request_id
-        now = perf_counter()
-        duration = now - g.start  # the one timing: the log line, the latency histogram and Server-Timing share it
-        response.headers.add("Server-Timing", server_timing(duration))  # add: no scan for an old one
-        status, rule = response.status_code, request.url_rule  # no rule when routing failed
-        extensions["sibyl.metrics"].request_done(
-            rule and rule.endpoint,
+        rule = request.url_rule  # None when routing failed
+        endpoint = rule and rule.endpoint
+        duration = lines.done(
+            g.request_id,
+            request.remote_addr,
+            request.method,
+            request.path,
+            endpoint,
             request.blueprint,
-            request.environ["REQUEST_METHOD"],
-            status,
+            response.status_code,
+            g.start,
             g.log,
-            duration,
-            now,
-            extensions["sibyl.cache"],
+            g.get("timings"),
         )
-        lines.write(
-            g.request_id, request.remote_addr, request.method, request.path, status, duration, g.log, g.get("timings")
-        )
+        response.headers["X-Request-ID"] = g.request_id
+        response.headers.add("Server-Timing", server_timing(duration))  # add: no scan for an old one
         return response

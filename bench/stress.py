@@ -60,9 +60,8 @@ EXPECTED = {
 }
 
 # The checks' limits, justified in README's Reliability section.
-P99_RATIO = (
-    2.0  # median p99 of the last half of the windows vs the first half: this VM swings up to 2x minute to minute
-)
+# Median p99 of the last half of the windows vs the first half: this VM swings up to 2x minute to minute.
+P99_RATIO = 2.0
 QUIET = 0.5  # cores (of the 2) used by other processes, from which a p99 rise is not judged Sibyl's
 # Windows shorter than this are not judged for p99: in make test's 60 s form (6 s windows, a worker recycled every
 # few seconds, each new one importing onnxruntime before it serves) one window's p99 swings 60-450 ms at the commit
@@ -337,6 +336,11 @@ def summarize(
     stable = last <= P99_RATIO * first
     short = window < MIN_JUDGED_WINDOW
     judged = (stable or busy < QUIET) and not short
+    unjudged = ""  # why the p99 check is not judged, for its detail
+    if short:
+        unjudged = f"; not judged: {window:.0f} s windows (< {MIN_JUDGED_WINDOW:.0f} s)"
+    elif not judged:
+        unjudged = f"; not judged: other processes used {busy} cores meanwhile (>= {QUIET})"
     rss_first, rss_last = max(windows[0]["worker_rss_mib"]), max(windows[-1]["worker_rss_mib"])
     fd_before, fd_after = sum(before["fds"].values()), sum(after["fds"].values())
     processes = max(len(before["fds"]), len(after["fds"]))
@@ -366,14 +370,7 @@ def summarize(
             "p99 stable",
             stable or not judged,
             f"median p99 of the last {HALF} windows {last:.1f} ms, of the first {HALF} {first:.1f} ms "
-            f"(limit {P99_RATIO}x); p99 per window: {p99s}"
-            + (
-                ""
-                if judged
-                else f"; not judged: {window:.0f} s windows (< {MIN_JUDGED_WINDOW:.0f} s)"
-                if short
-                else f"; not judged: other processes used {busy} cores meanwhile (>= {QUIET})"
-            ),
+            f"(limit {P99_RATIO}x); p99 per window: {p99s}" + unjudged,
             judged,
         ),
         check(

@@ -116,11 +116,14 @@ def _decode_body(data: bytes, encoding: str, limit: int) -> bytes:
     return bytes(out)
 
 
+def json_bytes(payload: dict) -> bytes:
+    """A reply's body, serialized with orjson."""
+    return orjson.dumps(payload, option=_DUMPS_OPTS)
+
+
 def json_response(payload: dict, status: int = 200, headers: dict | None = None) -> Response:
-    """Serialize a reply with orjson."""
-    return Response(
-        orjson.dumps(payload, option=_DUMPS_OPTS), status=status, headers=headers, mimetype="application/json"
-    )
+    """A reply as a Flask response (json_bytes)."""
+    return Response(json_bytes(payload), status=status, headers=headers, mimetype="application/json")
 
 
 def cache_headers(result: Prediction) -> dict:
