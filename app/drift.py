@@ -153,6 +153,7 @@ class Window:
         for j, e in enumerate(self.edges):
             ranks[: len(e), j] = e
         self._ranks = list(ranks)
+        self._count_type = np.int16 if len(ranks) <= np.iinfo(np.int16).max else np.int32
         predictions = ref["predictions"]
         if model.classes is not None:
             self.classes = np.asarray(model.classes)  # scikit-learn keeps classes_ sorted: searchsorted finds each
@@ -199,13 +200,14 @@ class Window:
         if len(X) > self.size:  # only the newest rows stay in the window
             X, predictions = X[-self.size :], predictions[-self.size :]
         k = len(X)
-        binned = np.zeros((k, self.columns), dtype=np.int32)
         # A value's bin is the number of cut points at or below it (searchsorted's side="right"), counted one rank of
-        # cut points at a time over all features: 100 us for 1000 rows of 20 features, against 325 for a searchsorted
-        # per feature (measured).
-        features = binned[:, :-1]
+        # cut points at a time over all features, into a contiguous array of small counts: 92 us for 1000 rows of 20
+        # features, against 171 counted into the table's int32 columns and 325 for a searchsorted per feature.
+        counted = np.zeros(X.shape, dtype=self._count_type)
         for cut in self._ranks:
-            features += cut <= X
+            counted += cut <= X
+        binned = np.empty((k, self.columns), dtype=np.int32)
+        binned[:, :-1] = counted
         if self.classes is not None:
             binned[:, -1] = np.searchsorted(self.classes, np.asarray(predictions))
         else:
