@@ -148,9 +148,12 @@ class Limits:
         None when Redis failed."""
         now = time.monotonic()
         due = {}  # what -> (key, window in ms, what to send)
+        # This request's counters, judged from these objects even if a flood of other keys pushes them out of the
+        # worker's view meanwhile (counting the user may push out the address, with MAX_LOCAL_KEYS small).
+        views: dict[str, _Seen] = {}
         with self._lock:
             for what, (key, window, add) in counts.items():
-                seen = self._seen.pop(key, None) or _Seen()
+                seen = views[what] = self._seen.pop(key, None) or _Seen()
                 self._seen[key] = seen  # most recently counted last
                 if seen.ends <= now:  # a new window: Redis's counter expired, or was never read
                     seen.known = seen.pending = 0
@@ -168,18 +171,13 @@ class Limits:
             if replies is None:
                 return None
             with self._lock:
-                for (key, _, sent), (total, left) in zip(due.values(), replies):
-                    seen = self._seen.get(key) or _Seen()
+                for (what, (_, _, sent)), (total, left) in zip(due.items(), replies):
+                    seen = views[what]
                     seen.known, seen.pending = total, max(0, seen.pending - sent)
                     # A counter that doesn't exist (only read, never added to) has no window yet: read it again
                     # after SYNC_SECONDS.
                     seen.synced, seen.ends = now, now + (left / 1000 if left > 0 else SYNC_SECONDS)
-        out = {}
-        for what, (key, *_) in counts.items():
-            seen = self._seen.get(key)
-            if seen is not None:
-                out[what] = (seen.known + seen.pending, math.ceil((seen.ends - now) * 1000))
-        return out
+        return {what: (s.known + s.pending, math.ceil((s.ends - now) * 1000)) for what, s in views.items()}
 
     def _count_in_redis(self, counts: list[tuple]) -> list[tuple[int, int]] | None:
         """Each (key, window ms, add) counter's (count, ms left) from one EVAL (on a cluster, one per key, the nodes

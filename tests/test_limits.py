@@ -99,6 +99,17 @@ def test_failed_logins_throttle_the_address_before_any_key_is_checked(make_app, 
     assert len(lines) == 1 and lines[0]["remote_addr"] == "127.0.0.1" and lines[0]["user"] is None
 
 
+def test_a_throttled_address_stays_throttled_when_its_counter_leaves_the_workers_view(make_app, redis_url, monkeypatch):
+    """A worker keeps a bounded view of counters (MAX_LOCAL_KEYS; a flood of addresses pushes the oldest out). A
+    request's own counters are judged from what it counted, even when counting its user pushed its address out of
+    the view: a throttled address gets 429 with a valid key too."""
+    monkeypatch.setattr(limits, "MAX_LOCAL_KEYS", 1)
+    client = limited(make_app, redis_url, login_failures="2/minute", predict="1000/minute").test_client()
+    assert [client.post("/predict", json=BODY, headers=WRONG).status_code for _ in range(3)] == [401, 401, 429]
+    resp = client.post("/predict", json=BODY, headers=basic_auth())
+    assert resp.status_code == 429 and resp.json["error"]["code"] == "too_many_failed_logins"
+
+
 def test_unknown_user_and_wrong_key_get_identical_answers(make_app, redis_url):
     """Status, body and headers (but the request id and timing) are the same for an unknown user and a wrong key,
     before and after the address is throttled."""
