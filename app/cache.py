@@ -323,6 +323,8 @@ class PredictionCache:
                 if not retry:
                     raise
                 retry = False
+            except redis.ResponseError:
+                raise  # Redis's refusal (OOM, NOPERM), read whole: the connection is fine
             except BaseException:
                 conn.disconnect()  # as redis-py's client does: a reply left half read would be the next command's
                 raise

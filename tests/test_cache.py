@@ -515,6 +515,20 @@ def test_refused_writes_keep_serving_hits(make_service, own_redis, capsys):
     assert capsys.readouterr().out.count("cache writes refused") == 1
 
 
+def test_a_refused_store_keeps_the_workers_connection(make_service, own_redis):
+    """A store Redis refuses (OOM) is a whole reply on a sound connection: the worker goes on using it rather than
+    reconnecting after every refused write."""
+    server = own_redis()
+    svc = make_service(REDIS_URL=server.url, CACHE_RETRY_SECONDS=0)  # every request tries its store again
+    assert cache_header(svc.predict([ROW_A])) == ("MISS", "0")
+    admin = server.client()
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", 1)
+    before = admin.info("stats")["total_connections_received"]
+    assert [svc.predict([row]).headers["X-Cache"] for row in (ROW_B, ROW_C, ROW_D)] == ["MISS"] * 3
+    assert admin.info("stats")["total_connections_received"] == before
+
+
 def test_redis_restart_resumes_caching_and_logs_one_back_up_line(make_service, own_redis, capsys):
     """A Redis crash serves uncached; once it is back, hits resume in the same process with one "back up" line."""
     server = own_redis()
