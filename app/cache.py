@@ -270,7 +270,7 @@ class PredictionCache:
             if self.cluster:
                 values = _on_their_nodes(client, [("GET", key) for key in keys])
             else:
-                values = self._call("MGET", *keys)
+                values = self._call(client, "MGET", *keys)
         except _FAILURES as e:
             self._failed(self._conn, e)
             return None
@@ -288,25 +288,25 @@ class PredictionCache:
             if self.cluster:
                 _on_their_nodes(client, [("SET", key, value, "EX", self.ttl) for key, value in items])
             elif self._evicts or (self._evicts is None and self._read_eviction(client)):
-                self._call("MSET", *(part for item in items for part in item))
+                self._call(client, "MSET", *(part for item in items for part in item))
             elif len(items) == 1:
                 ((key, value),) = items
-                self._call("SET", key, value, "EX", self.ttl)
+                self._call(client, "SET", key, value, "EX", self.ttl)
             else:
                 keys, values = zip(*items)
-                self._call("EVAL", _STORE_SCRIPT, len(keys), *keys, self.ttl, *values)
+                self._call(client, "EVAL", _STORE_SCRIPT, len(keys), *keys, self.ttl, *values)
         except _FAILURES as e:
             self._failed(self._writes if _refused(e) else self._conn, e)
             return
         self._succeeded(self._conn)
         self._succeeded(self._writes)
 
-    def _call(self, *args: object) -> object:
-        """One command's reply, on this thread's own connection (not on a cluster). redis-py's command methods borrow
+    def _call(self, client: redis.Redis, *args: object) -> object:
+        """One command's reply, on this thread's own connection of client (this process's, from _redis; not a
+        cluster's). redis-py's command methods borrow
         a connection from the pool and poll it, per command: 66 us of CPU for a GET and a SET here, against 32 on a
         kept connection (docs/benchmark.md). The pool's poll is what replaced a connection the server closed while
         idle (a Redis restart, a failover): here a kept connection that fails is replaced once, at once."""
-        client = self._redis()
         own = self._own
         if getattr(own, "client", None) is not client:  # this thread's first command in this process
             own.client, own.conn = client, client.connection_pool.get_connection()
@@ -365,7 +365,8 @@ class PredictionCache:
                 return None
             start = time.perf_counter()
             try:
-                self._redis().ping(**one_node) if self.cluster else self._call("PING")
+                client = self._redis()
+                client.ping(**one_node) if self.cluster else self._call(client, "PING")
             except _FAILURES as e:
                 self._failed(self._conn, e)
                 return None
@@ -376,7 +377,8 @@ class PredictionCache:
         """Probe Redis for /ready (respecting the back-off; on a cluster, every node) and return the state."""
         if self.usable():
             try:
-                self._redis().ping() if self.cluster else self._call("PING")
+                client = self._redis()
+                client.ping() if self.cluster else self._call(client, "PING")
                 self._succeeded(self._conn)
             except _FAILURES as e:
                 self._failed(self._conn, e)

@@ -36,23 +36,24 @@ class DirectPredict:
         self.metrics_port = listener_port(app.config)
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
-        user = self._caller(environ) if self._plain(environ) else None
+        length = self._length(environ)
+        user = self._caller(environ) if length is not None else None
         if user is None:
             return self.flask(environ, start_response)
-        return self._predict(environ, start_response, user)
+        return self._predict(environ, start_response, user, length)
 
-    def _plain(self, environ: dict) -> bool:
-        """Whether the request is the form answered here (see the module's docstring)."""
-        length = environ.get("CONTENT_LENGTH", "")
-        return (
+    def _length(self, environ: dict) -> int | None:
+        """The body's length when the request is the form answered here (see the module's docstring), else None."""
+        sent = environ.get("CONTENT_LENGTH", "")
+        plain = (
             environ["PATH_INFO"] == PATH
             and environ["REQUEST_METHOD"] == "POST"
             and environ.get("CONTENT_TYPE") == _JSON
             and not environ.get("QUERY_STRING")
             # Not "/predict" as sent (%2F, an absolute URI): Flask's own checks decide.
             and environ.get("RAW_URI", PATH) == PATH
-            and length.isdigit()
-            and int(length) <= self.limit
+            and sent.isdigit()
+            and (length := int(sent)) <= self.limit  # parsed once the cheaper checks passed
             and "HTTP_CONTENT_ENCODING" not in environ
             and "HTTP_TRANSFER_ENCODING" not in environ
             and "HTTP_ORIGIN" not in environ
@@ -60,6 +61,7 @@ class DirectPredict:
             and self.ext["sibyl.registry"].default_model is not None
             and (self.metrics_port is None or not arrived_on(environ, self.metrics_port))
         )
+        return length if plain else None
 
     def _caller(self, environ: dict) -> str | None:
         """The user whose basic-auth credentials check out (parsed by Werkzeug, as flask-httpauth's are), or None."""
@@ -68,7 +70,7 @@ class DirectPredict:
             return None
         return check_key(self.ext["sibyl.users"], parsed.username, parsed.password)
 
-    def _predict(self, environ: dict, start_response: Callable, user: str) -> list[bytes]:
+    def _predict(self, environ: dict, start_response: Callable, user: str, length: int) -> list[bytes]:
         """The native route's steps for an authenticated request; every failure in its JSON shape."""
         start = perf_counter()
         ext = self.ext
@@ -84,7 +86,7 @@ class DirectPredict:
                 registry = ext["sibyl.registry"]
                 model = registry.resolve(registry.default_model)
                 logged.update(model=model.name, version=model.version)
-                body = parse_json(body_of(environ, int(environ["CONTENT_LENGTH"]), self.limit))
+                body = parse_json(body_of(environ, length, self.limit))
                 X, proba = rows_from(body, model, self.max_rows)
                 cache_control = environ.get("HTTP_CACHE_CONTROL")
                 result = serve(ext, model, X, proba, user, rid, logged, cache_control)

@@ -31,9 +31,9 @@ def answered_here(monkeypatch) -> list[str]:
     seen = []
     answer = direct.DirectPredict._predict
 
-    def spy(self, environ, start_response, user):
+    def spy(self, environ, *rest):
         seen.append(environ.get("HTTP_X_REQUEST_ID"))
-        return answer(self, environ, start_response, user)
+        return answer(self, environ, *rest)
 
     monkeypatch.setattr(direct.DirectPredict, "_predict", spy)
     return seen
