@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ADMIN, ADMIN_KEY, IRIS_ROWS, ROOT, USERS, basic_auth
+from conftest import ADMIN, ADMIN_KEY, IRIS_ROWS, ROOT, USERS, basic_auth, served_model
 from prometheus_client.parser import text_string_to_metric_families
 
+from app import pipeline
 from app.rollout import reload_registry
 from tests.support.servers import free_port
 
@@ -182,6 +183,23 @@ def test_cache_outcomes_with_a_real_redis(make_app, redis_url):
     assert value(samples, "sibyl_prediction_duration_seconds_count", **labels) == 3
     assert value(samples, "sibyl_prediction_duration_seconds_bucket", **labels, le="+Inf") == 3
     assert value(samples, "sibyl_cache_breaker_open") == 0
+
+
+def test_a_batch_the_worker_tier_skips_counts_as_off_not_error(make_app, redis_url):
+    """A model whose tiers are local (CACHE_POLICY=auto found Redis not worth it) predicts a batch larger than
+    LOCAL_MAX_ROWS without the cache, by design: outcome off, never error, which an operator alerts on."""
+    app = make_app(REDIS_URL=redis_url, INFERENCE_BACKEND="sklearn")
+    served_model(app).cache_tiers = "local"
+    client = app.test_client()
+    batch = [[5.0 + i / 10, 3.0, 1.5, 0.2] for i in range(pipeline.LOCAL_MAX_ROWS + 1)]
+    r = client.post("/predict", json={"features": batch}, headers=basic_auth())
+    assert r.status_code == 200 and r.headers["X-Cache"] == "OFF"
+    samples = scrape(client)
+    counts = {
+        s["outcome"]: value(samples, "sibyl_cache_requests_total", **s)
+        for s in series(samples, "sibyl_cache_requests_total")
+    }
+    assert counts == {"off": 1}
 
 
 def test_redis_down_counts_error_and_opens_the_breaker(make_app):
