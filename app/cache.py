@@ -84,6 +84,42 @@ class _Breaker:
             return was_down
 
 
+class Worth:
+    """Whether this worker's tier pays for a model that has no other (tiers local): judged from its hit rate.
+
+    For such a model a miss costs the tier a digest, a lookup, an encoding and an evicting insert (about 10 us in
+    process, 28-36 us of a worker's CPU under load, docs/benchmark.md) to save a predict that costs about as much.
+    So while fewer than MIN_HIT_RATE of the rows looked up are hits, only one request in SAMPLE_EVERY uses the
+    tier: those samples keep storing and looking up, so rows that start repeating are found again and the tier
+    is used for every request once the samples' hit rate is back. Counts are per worker and only approximate
+    under threads (an unlocked count may lose an increment): a judgement, not a ledger.
+    """
+
+    MIN_HIT_RATE = 0.25
+    SAMPLE_EVERY = 16
+    WINDOW_ROWS = 256  # rows looked up per judgement while the tier is used for every request
+    SAMPLE_ROWS = 64  # rows looked up per judgement while sampling (about SAMPLE_EVERY times as many requests)
+
+    def __init__(self) -> None:
+        self.sampling = False
+        self._requests = self._rows = self._hits = 0
+
+    def use(self) -> bool:
+        """Whether this request goes through the tier."""
+        if not self.sampling:
+            return True
+        self._requests += 1
+        return self._requests % self.SAMPLE_EVERY == 0
+
+    def saw(self, rows: int, hits: int) -> None:
+        """Count a request's rows looked up in the tier and how many it held; judge at the end of a window."""
+        self._rows += rows
+        self._hits += hits
+        if self._rows >= (self.SAMPLE_ROWS if self.sampling else self.WINDOW_ROWS):
+            self.sampling = self._hits < self._rows * self.MIN_HIT_RATE
+            self._rows = self._hits = 0
+
+
 class PredictionCache:
     """Rows in, stored answers out; circuit breakers keep a failing Redis from costing each request."""
 
@@ -135,6 +171,14 @@ class PredictionCache:
         self._local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._local_size = 0  # bytes of its keys and values
         self._local_lock = threading.Lock()  # threaded workers: the size must stay the sum of what is held
+        self._worth: dict[str, Worth] = {}  # per scope (model, backend, kind) on the worker's tier alone
+
+    def worth(self, scope: str) -> Worth:
+        """The judge of whether this worker's tier pays for a scope whose model has no other tier."""
+        judge = self._worth.get(scope)
+        if judge is None:
+            judge = self._worth[scope] = Worth()
+        return judge
 
     @property
     def state(self) -> str:

@@ -5,6 +5,7 @@ import redis
 from conftest import IRIS_ROWS, basic_auth, served_model
 
 from app import pipeline
+from app.cache import Worth
 from app.registry import decide_cache
 
 
@@ -71,3 +72,41 @@ def test_local_tier_skips_batches_larger_than_local_max_rows(make_app, redis_url
         "MISS",
         "HIT",
     ]
+
+
+def test_worker_tier_alone_is_sampled_while_it_misses_and_used_again_once_rows_repeat(make_app, redis_url, monkeypatch):
+    """On local tiers, a stream of new rows turns the worker's tier down to one request in SAMPLE_EVERY (the others
+    skip it: OFF), and once rows repeat the samples find them and every request uses the tier again (HIT)."""
+    monkeypatch.setattr(Worth, "WINDOW_ROWS", 8)
+    monkeypatch.setattr(Worth, "SAMPLE_ROWS", 4)
+    app = make_app(REDIS_URL=redis_url)
+    served_model(app).cache_tiers = "local"
+    client = app.test_client()
+
+    def send(row):
+        return client.post("/predict", json={"features": [row]}, headers=basic_auth()).headers["X-Cache"]
+
+    new_rows = ([5.0 + i / 100, 3.0, 1.5, 0.2] for i in range(1000))
+    assert [send(next(new_rows)) for _ in range(8)] == ["MISS"] * 8  # a window of misses...
+    sampled = [send(next(new_rows)) for _ in range(4 * Worth.SAMPLE_EVERY)]  # ...then one request in SAMPLE_EVERY
+    assert sampled == (["OFF"] * (Worth.SAMPLE_EVERY - 1) + ["MISS"]) * 4
+    # Rows that repeat: the first sample stores the row, the next samples hit it, and the tier is back for all.
+    repeated = [send(IRIS_ROWS[0]) for _ in range(5 * Worth.SAMPLE_EVERY)]
+    assert repeated[-3:] == ["HIT"] * 3
+    assert repeated.count("OFF") < 4 * Worth.SAMPLE_EVERY
+
+
+def test_worker_tier_alone_stays_for_rows_that_repeat(make_app, redis_url, monkeypatch):
+    """Requests that hit the worker's tier as often as they miss keep it for every request."""
+    monkeypatch.setattr(Worth, "WINDOW_ROWS", 8)
+    app = make_app(REDIS_URL=redis_url)
+    served_model(app).cache_tiers = "local"
+    client = app.test_client()
+    rows = [[5.0 + i / 100, 3.0, 1.5, 0.2] for i in range(40)]
+    # Each row twice in a row: half the requests hit, above MIN_HIT_RATE.
+    outcomes = [
+        client.post("/predict", json={"features": [row]}, headers=basic_auth()).headers["X-Cache"]
+        for row in rows
+        for _ in range(2)
+    ]
+    assert outcomes == ["MISS", "HIT"] * 40
