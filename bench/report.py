@@ -385,7 +385,8 @@ def main_sections(results: dict) -> list[str]:
         "client connections each worker held 0.5 s in: gthread workers keep the connections they accept, and a run "
         "that left a worker without any is redone; CPU µs/req = CPU time per request of the server's workers / "
         "Redis / wrk, from /proc: together the machine's cost of a request; X-Cache = outcomes in the request log, "
-        "OFF = Redis overran CACHE_TIMEOUT_MS and the circuit breaker served uncached):",
+        "OFF = uncached: with cache on, Redis overran CACHE_TIMEOUT_MS and the circuit breaker opened; with auto on "
+        "local tiers, a batch over 8 rows, or a request the worker tier's sampling passed over while it missed):",
         "",
         *_table(
             ["Model", "Scenario", "Conc.", "Cache", *perf, "X-Cache", *(f"× {BASE_LABELS[b]}" for b in RATIOS)],

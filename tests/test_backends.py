@@ -163,14 +163,21 @@ def test_cache_scope_names_precision_and_library_versions(iris_path, monkeypatch
     assert len(scopes | {sk, upgraded}) == 4
 
 
-def test_cache_keys_carry_the_backend_scope(make_app, redis_url):
-    """What Redis holds is keyed by the backend's full scope, not only its name."""
-    app = make_app(REDIS_URL=redis_url)
-    r = app.test_client().post("/predict", json={"features": [[5.1, 3.5, 1.4, 0.2]]}, headers=basic_auth())
-    assert r.status_code == 200
-    scope = served_model(app).backend.scope
-    keys = redis.Redis.from_url(redis_url).keys("*")
-    assert keys and all(f":{scope}:".encode() in k for k in keys)
+def test_cache_keys_carry_the_backend_scope(make_app, redis_url, monkeypatch):
+    """What Redis holds is keyed by the backend's full scope, not only its name: the same row answered by a
+    backend of the same name but another scope (a library upgrade) is a miss stored under a key of its own."""
+    app = make_app(REDIS_URL=redis_url, CACHE_LOCAL_ENTRIES=0)
+    client, backend = app.test_client(), served_model(app).backend
+
+    def send():
+        r = client.post("/predict", json={"features": [[5.1, 3.5, 1.4, 0.2]]}, headers=basic_auth())
+        assert r.status_code == 200
+        return r.headers["X-Cache"]
+
+    assert [send(), send()] == ["MISS", "HIT"]
+    monkeypatch.setattr(backend, "scope", backend.scope.replace(".", ".upgraded-", 1))
+    assert [send(), send()] == ["MISS", "HIT"]
+    assert redis.Redis.from_url(redis_url).dbsize() == 2
 
 
 def compiled_files(path):
