@@ -85,15 +85,26 @@ class _Breaker:
             return was_down
 
 
-class Worth:
-    """Whether this worker's tier pays for a model that has no other (tiers local): judged from its hit rate.
+# The worker's tier keeps and serves the answers of requests of up to this many rows only. Repeated small requests are
+# what it saves a round trip for; a batch of new rows would pay its copies (about 0.5 us a row, and a batch's rows
+# push out the small requests' answers) for rows Redis holds anyway. A model whose tiers are "local" (CACHE_POLICY=auto
+# found its rows cheaper than a Redis round trip) skips the cache for larger requests: there the digests alone cost
+# more than the model takes to predict a row of a batch (1 to 6 us, compiled) (docs/benchmark.md).
+LOCAL_MAX_ROWS = 8
 
-    For such a model a miss costs the tier a digest, a lookup, an encoding and an evicting insert (about 10 us in
-    process, 28-36 us of a worker's CPU under load, docs/benchmark.md) to save a predict that costs about as much.
-    So while fewer than MIN_HIT_RATE of the rows looked up are hits, only one request in SAMPLE_EVERY uses the
-    tier: those samples keep storing and looking up, so rows that start repeating are found again and the tier
-    is used for every request once the samples' hit rate is back. Counts are per worker and only approximate
-    under threads (an unlocked count may lose an increment): a judgement, not a ledger.
+
+class Worth:
+    """Whether this worker's tier pays for a scope (a model, its backend, labels or probabilities): judged from
+    its hit rate.
+
+    A miss costs the tier a digest, a lookup, an encoding and an evicting insert: about 10 us in process, 28-36 us
+    of a worker's CPU under load (docs/benchmark.md), as much as a compiled model's one-row predict (what a hit
+    saves where the tier is a model's only one) and a fraction of a Redis round trip (what it saves in front of
+    Redis). So, where the tier is a model's only one, while fewer than MIN_HIT_RATE of the rows looked up in it are
+    hits, only one request in SAMPLE_EVERY uses the tier; the others are served uncached. The samples keep storing
+    and looking up, so rows that start repeating are found again and the tier is used for every request once the
+    samples' hit rate is back. Counts are per worker and only approximate under threads (an unlocked count may lose
+    an increment): a judgement, not a ledger.
     """
 
     MIN_HIT_RATE = 0.25
@@ -172,14 +183,20 @@ class PredictionCache:
         self._local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._local_size = 0  # bytes of its keys and values
         self._local_lock = threading.Lock()  # threaded workers: the size must stay the sum of what is held
-        self._worth: dict[str, Worth] = {}  # per scope (model, backend, kind) on the worker's tier alone
+        self._worth: dict[str, Worth] = {}  # whether the tier pays, per scope (model, backend, kind)
 
-    def worth(self, scope: str) -> Worth:
-        """The judge of whether this worker's tier pays for a scope whose model has no other tier."""
+    def worker_tier(self, scope: str, rows: int, shared: bool) -> Worth | None:
+        """This worker's tier for a request of `rows` rows in scope, to pass to lookup; None when the request skips
+        it: a batch of more than LOCAL_MAX_ROWS, no tier configured (CACHE_LOCAL_ENTRIES=0), or, where the tier is
+        the model's only one (not shared through Redis), a request its sampling passes over (Worth)."""
+        if rows > LOCAL_MAX_ROWS or not self.local_entries:
+            return None
         judge = self._worth.get(scope)
         if judge is None:
             judge = self._worth[scope] = Worth()
-        return judge
+        # In front of Redis the tier is always used: what a miss costs it there was not measurable beside the round
+        # trips on the machine Worth was measured on (docs/benchmark.md, fourth pass).
+        return judge if shared or judge.use() else None
 
     @property
     def state(self) -> str:
@@ -226,21 +243,22 @@ class PredictionCache:
         valid: Callable[[object], bool],
         remember: bool = True,
         shared: bool = True,
-        local: bool = True,
+        tier: Worth | None = None,
     ) -> tuple[list, bool]:
-        """Answers for keys (None where absent) from this worker's memory unless local is False (a batch: see
-        pipeline.LOCAL_MAX_ROWS), then Redis unless shared is False (a model whose cache policy keeps it out of
-        Redis); and whether the tiers asked answered.
+        """Answers for keys (None where absent) from this worker's memory when tier (worker_tier's) is given, then
+        Redis unless shared is False (a model whose cache policy keeps it out of Redis); and whether the tiers asked
+        answered.
 
         A stored value that doesn't decode, or that `valid` rejects (another version's format), is a miss. Rows
-        fetched from Redis are kept locally when local, unless remember is False (Cache-Control: no-store).
+        fetched from Redis are kept locally when tier is given, unless remember is False (Cache-Control: no-store).
         """
         now = time.monotonic()
         values = [None] * len(keys)
-        if not (local and self.local_entries):
+        if tier is None:
             missing, remember = range(len(keys)), False
         else:
             missing = self._from_local(keys, values, now)
+            tier.saw(len(keys), len(keys) - len(missing))
         if not missing or not shared:
             return values, True
         stored = self.get_many([keys[i] for i in missing])

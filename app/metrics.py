@@ -261,7 +261,7 @@ def _info_labels(model) -> tuple[str, ...]:
 def cache_outcome(result: Prediction, cache) -> str:
     """The cache outcome label: the X-Cache value in lower case, except that OFF for a model whose tiers include
     Redis means Redis failed (the header says OFF either way: the caller got uncached answers). A model on the
-    worker's tier alone skips the cache for batches by design (pipeline.LOCAL_MAX_ROWS): that is off."""
+    worker's tier alone skips the cache for batches by design (cache.LOCAL_MAX_ROWS): that is off."""
     if result.cache == "OFF" and cache.enabled and result.model.cache_tiers == "redis":
         return "error"
     return result.cache.lower()

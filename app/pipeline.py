@@ -10,13 +10,6 @@ from app.cache import PredictionCache
 from app.errors import ApiError
 from app.registry import Model
 
-# The worker's tier keeps and serves the answers of requests of up to this many rows only. Repeated small requests are
-# what it saves a round trip for; a batch of new rows would pay its copies (about 0.5 us a row, and a batch's rows
-# push out the small requests' answers) for rows Redis holds anyway. A model whose tiers are "local" (CACHE_POLICY=auto
-# found its rows cheaper than a Redis round trip) skips the cache for larger requests: there the digests alone cost
-# more than the model takes to predict a row of a batch (1 to 6 us, compiled) (docs/benchmark.md).
-LOCAL_MAX_ROWS = 8
-
 
 @dataclass
 class Prediction:
@@ -48,20 +41,20 @@ def predict(
     t0 = perf_counter()
     # The model's cache tiers are read here and nowhere else: off, local (this worker's memory), redis (then Redis).
     tiers = model.cache_tiers
-    local = len(X) <= LOCAL_MAX_ROWS
     # Answers depend on the artifact, the backend that computed them (its precision and library versions) and what
     # was asked.
     scope = f"{model.sha256[:16]}:{model.backend.scope}:{'p' if proba else 'l'}"
-    # On the worker's tier alone, a model's small requests use it while it hits often enough to pay (cache.Worth).
-    worth = cache.worth(scope) if tiers == "local" and local and cache.enabled else None
-    if tiers == "off" or not cache.enabled or (tiers == "local" and not (local and worth.use())):
+    # This worker's tier, for small requests while it pays (cache.worker_tier); without it, a model on local tiers
+    # has no cache at all.
+    shared = tiers == "redis"
+    tier = cache.worker_tier(scope, len(X), shared) if tiers != "off" and cache.enabled else None
+    if tiers == "off" or not cache.enabled or (not shared and tier is None):
         keys, stored, redis_ok = None, None, False
     else:
         keys = cache.keys(scope, X, user)
         valid = _valid_proba if proba else _valid_label
         # A bypass predicts every row, as a cache that holds nothing would (its outcome is BYPASS regardless).
-        shared = tiers == "redis"
-        stored, redis_ok = cache.lookup(keys, valid, store, shared, local) if lookup else (None, False)
+        stored, redis_ok = cache.lookup(keys, valid, store, shared, tier) if lookup else (None, False)
     t1 = perf_counter()
 
     if stored is None:
@@ -75,12 +68,10 @@ def predict(
         for i, value in zip(missing, _compute(model, rest, proba, missing) if missing else ()):
             rows[i] = value
     hits = len(X) - len(missing)
-    if worth is not None and stored is not None:
-        worth.saw(len(X), hits)
     t2 = perf_counter()
 
     if keys and missing and store:
-        cache.store([(keys[i], rows[i]) for i in missing], shared, local)
+        cache.store([(keys[i], rows[i]) for i in missing], shared, tier is not None)
     t3 = perf_counter()
 
     if not lookup and keys:

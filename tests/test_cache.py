@@ -19,8 +19,7 @@ from conftest import IRIS_ROWS, USER, USERS, basic_auth, free_port, served_model
 from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
-from app.cache import PredictionCache
-from app.pipeline import LOCAL_MAX_ROWS
+from app.cache import LOCAL_MAX_ROWS, PredictionCache
 from app.registry import save_model
 from tests.support.servers import json_lines, requests_in
 

@@ -4,8 +4,7 @@ import pytest
 import redis
 from conftest import IRIS_ROWS, basic_auth, served_model
 
-from app import pipeline
-from app.cache import Worth
+from app.cache import LOCAL_MAX_ROWS, Worth
 from app.registry import decide_cache
 
 
@@ -63,11 +62,11 @@ def test_local_tier_skips_batches_larger_than_local_max_rows(make_app, redis_url
     app = make_app(REDIS_URL=redis_url)
     served_model(app).cache_tiers = "local"
     client = app.test_client()
-    big = {"features": [[5.0 + i / 10, 3.0, 1.5, 0.2] for i in range(pipeline.LOCAL_MAX_ROWS + 1)]}
+    big = {"features": [[5.0 + i / 10, 3.0, 1.5, 0.2] for i in range(LOCAL_MAX_ROWS + 1)]}
     sent = [client.post("/predict", json=big, headers=basic_auth()) for _ in range(2)]
     assert [r.headers["X-Cache"] for r in sent] == ["OFF", "OFF"]
     assert sent[0].json["predictions"] == sent[1].json["predictions"]
-    small = {"features": big["features"][: pipeline.LOCAL_MAX_ROWS]}
+    small = {"features": big["features"][:LOCAL_MAX_ROWS]}
     assert [client.post("/predict", json=small, headers=basic_auth()).headers["X-Cache"] for _ in range(2)] == [
         "MISS",
         "HIT",
@@ -110,3 +109,18 @@ def test_worker_tier_alone_stays_for_rows_that_repeat(make_app, redis_url, monke
         for _ in range(2)
     ]
     assert outcomes == ["MISS", "HIT"] * 40
+
+
+def test_worker_tier_in_front_of_redis_is_always_used(make_app, redis_url, monkeypatch):
+    """With Redis as a tier (cache on), a stream of new rows does not turn the worker's tier down: a repeat is still
+    answered from the worker's memory, without asking Redis."""
+    monkeypatch.setattr(Worth, "WINDOW_ROWS", 8)
+    app = make_app(REDIS_URL=redis_url)
+    assert served_model(app).cache_tiers == "redis"
+    client, server = app.test_client(), redis.Redis.from_url(redis_url)
+    for i in range(4 * Worth.WINDOW_ROWS):
+        client.post("/predict", json={"features": [[5.0 + i / 100, 3.0, 1.5, 0.2]]}, headers=basic_auth())
+    assert post(client).headers["X-Cache"] == "MISS"
+    server.config_resetstat()
+    assert post(client).headers["X-Cache"] == "HIT"
+    assert "cmdstat_mget" not in server.info("commandstats")

@@ -13,7 +13,7 @@ import pytest
 import requests
 from conftest import ADMIN, ADMIN_KEY, basic_auth
 
-from app.pipeline import LOCAL_MAX_ROWS
+from app.cache import LOCAL_MAX_ROWS
 from tests.support.servers import free_port, record_artifact
 
 ROWS = 100_000  # distinct rows in all, over both workers

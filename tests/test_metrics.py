@@ -16,7 +16,7 @@ import requests
 from conftest import ADMIN, ADMIN_KEY, IRIS_ROWS, ROOT, USERS, basic_auth, served_model
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import pipeline
+from app.cache import LOCAL_MAX_ROWS
 from app.rollout import reload_registry
 from tests.support.servers import free_port
 
@@ -191,7 +191,7 @@ def test_a_batch_the_worker_tier_skips_counts_as_off_not_error(make_app, redis_u
     app = make_app(REDIS_URL=redis_url, INFERENCE_BACKEND="sklearn")
     served_model(app).cache_tiers = "local"
     client = app.test_client()
-    batch = [[5.0 + i / 10, 3.0, 1.5, 0.2] for i in range(pipeline.LOCAL_MAX_ROWS + 1)]
+    batch = [[5.0 + i / 10, 3.0, 1.5, 0.2] for i in range(LOCAL_MAX_ROWS + 1)]
     r = client.post("/predict", json={"features": batch}, headers=basic_auth())
     assert r.status_code == 200 and r.headers["X-Cache"] == "OFF"
     samples = scrape(client)
