@@ -37,7 +37,7 @@ class DirectPredict:
 
     def __call__(self, environ: dict, start_response: Callable) -> list[bytes]:
         length = self._length(environ)
-        user = self._caller(environ) if length is not None else None
+        user = self.caller(environ) if length is not None else None
         if user is None:
             return self.flask(environ, start_response)
         return self._predict(environ, start_response, user, length)
@@ -63,7 +63,7 @@ class DirectPredict:
         )
         return length if plain else None
 
-    def _caller(self, environ: dict) -> str | None:
+    def caller(self, environ: dict) -> str | None:
         """The user whose basic-auth credentials check out (parsed by Werkzeug, as flask-httpauth's are), or None."""
         parsed = Authorization.from_header(environ.get("HTTP_AUTHORIZATION"))
         if parsed is None or parsed.type != "basic":

@@ -88,9 +88,9 @@ def auth_us(app, header: str) -> float:
     if not isinstance(front, DirectPredict):
         raise SystemExit("bench.recording: POST /predict is not answered by app.direct here; time it another way")
     environ = {"HTTP_AUTHORIZATION": header}
-    if front._caller(environ) != USER:
+    if front.caller(environ) != USER:
         raise SystemExit("bench.recording: the bench user's credentials were refused")
-    return per_call(lambda _: front._caller(environ))
+    return per_call(lambda _: front.caller(environ))
 
 
 def rate_limit_us(app, header: str, redis_url: str) -> float:
