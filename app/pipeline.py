@@ -41,20 +41,20 @@ def predict(
     t0 = perf_counter()
     # The model's cache tiers are read here and nowhere else: off, local (this worker's memory), redis (then Redis).
     tiers = model.cache_tiers
-    # Answers depend on the artifact, the backend that computed them (its precision and library versions) and what
-    # was asked.
-    scope = f"{model.sha256[:16]}:{model.backend.scope}:{'p' if proba else 'l'}"
-    # This worker's tier, for small requests while it pays (cache.worker_tier); without it, a model on local tiers
-    # has no cache at all.
     shared = tiers == "redis"
-    tier = cache.worker_tier(scope, len(X), shared) if tiers != "off" and cache.enabled else None
-    if tiers == "off" or not cache.enabled or (not shared and tier is None):
-        keys, stored, redis_ok = None, None, False
-    else:
-        keys = cache.keys(scope, X, user)
-        valid = _valid_proba if proba else _valid_label
-        # A bypass predicts every row, as a cache that holds nothing would (its outcome is BYPASS regardless).
-        stored, redis_ok = cache.lookup(keys, valid, store, shared, tier) if lookup else (None, False)
+    keys, stored, redis_ok = None, None, False
+    if tiers != "off" and cache.enabled:
+        # Answers depend on the artifact, the backend that computed them (its precision and library versions) and
+        # what was asked.
+        scope = f"{model.sha256[:16]}:{model.backend.scope}:{'p' if proba else 'l'}"
+        # This worker's tier, for small requests while it pays (cache.worker_tier); without it, a model on local
+        # tiers has no cache for this request.
+        tier = cache.worker_tier(scope, len(X), shared)
+        if shared or tier is not None:
+            keys = cache.keys(scope, X, user)
+            valid = _valid_proba if proba else _valid_label
+            # A bypass predicts every row, as a cache that holds nothing would (its outcome is BYPASS regardless).
+            stored, redis_ok = cache.lookup(keys, valid, store, shared, tier) if lookup else (None, False)
     t1 = perf_counter()
 
     if stored is None:

@@ -24,11 +24,15 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def memory(pids: list[int]) -> list[dict]:
-    """RSS and PSS in MiB of each process, from /proc/PID/smaps_rollup."""
+    """RSS and PSS in MiB of each process still running, from /proc/PID/smaps_rollup."""
     out = []
     for pid in pids:
         fields = {}
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a worker recycled (max_requests, a rollout) between the listing and the read
+        for line in rollup.splitlines():
             key, _, rest = line.partition(":")
             if key in ("Rss", "Pss"):
                 fields[key.lower() + "_mib"] = round(int(rest.split()[0]) / 1024, 1)
