@@ -1,8 +1,12 @@
 """Bad input: each failure is a 4xx in the one error shape, with a message that says how to fix it."""
 
+import numpy as np
 import orjson
 import pytest
-from conftest import basic_auth
+from conftest import basic_auth, served_model
+
+from app.errors import ApiError
+from app.validation import to_matrix
 
 ROW = [5.1, 3.5, 1.4, 0.2]
 NAMED = {"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}
@@ -115,3 +119,51 @@ def test_long_field_names_are_cut_short(client):
     """A field name is quoted in the message only up to 40 characters."""
     r = client.post("/predict", json={"x" * 5000: [[1, 2, 3, 4]]}, headers=basic_auth())
     assert r.status_code == 400 and len(r.get_data()) < 400
+
+
+# A batch larger than validation's bulk check (_BULK_FROM rows) with one bad row: the bulk check finds it, and the row
+# by row check names it exactly as for a small request.
+BATCH_CASES = [
+    ("wrong-width", [1, 2, 3, 4, 5], "features[10] has 5 values; the model expects 4"),
+    ("string-value", [1, 2, SECRET, 4], "features[10][2] is a string"),
+    ("bool-value", [1, 2, True, 4], "features[10][2] is a boolean"),
+    ("null-value", [1, None, 3, 4], "features[10][1] is null"),
+    ("nested-list", [1, [2], 3, 4], "features[10][1] is a list"),
+    ("row-not-list", "abc", "features[10] is a string"),
+]
+
+
+@pytest.mark.parametrize(("bad", "words"), [c[1:] for c in BATCH_CASES], ids=[c[0] for c in BATCH_CASES])
+def test_a_bad_row_in_a_large_batch_is_named(client, bad, words):
+    """12 rows, the 11th bad: a 400 naming it, as a small request gets."""
+    rows = [[5.0 + i / 10, 3, 1.5, 0.2] for i in range(12)]
+    rows[10] = bad
+    r = client.post("/predict", data=orjson.dumps({"features": rows}), headers=basic_auth(),
+                    content_type="application/json")  # fmt: skip
+    assert r.status_code == 400
+    assert r.json["error"]["code"] == "invalid_input"
+    assert words in r.json["error"]["message"]
+    assert SECRET not in r.get_data(as_text=True)
+
+
+def test_a_large_batch_answers_as_the_model_does(client):
+    """Ints and floats, 12 rows (converted in bulk): exactly the backend's answers for the same rows as float64."""
+    rows = [[4 + i % 4, 2.5 + i / 10, 1 + i % 6, 0.1 * (i % 25)] for i in range(12)]
+    r = client.post("/predict", json={"features": rows, "probabilities": True}, headers=basic_auth())
+    assert r.status_code == 200
+    model = served_model(client.application)
+    labels, p = model.backend.predict(np.array(rows, dtype=np.float64), True)
+    assert r.json["predictions"] == labels.tolist()
+    assert r.json["probabilities"] == [dict(zip(model.class_keys, row)) for row in p.tolist()]
+
+
+@pytest.mark.parametrize("n", [1, 12], ids=["row-by-row", "bulk"])
+def test_an_integer_past_float64_is_a_400_either_way(client, n):
+    """An integer too large for float64 (orjson refuses one in JSON; a protocol's own decoder may not) is the same 400
+    whether the rows are converted one by one or in bulk."""
+    rows = [[5.0, 3.0, 1.5, 0.2] for _ in range(n)]
+    rows[-1][1] = 10**400
+    with pytest.raises(ApiError) as e:
+        to_matrix(rows, served_model(client.application), 1000)
+    assert (e.value.status, e.value.code) == (400, "invalid_input")
+    assert "too large for a 64-bit float" in e.value.message
