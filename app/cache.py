@@ -226,7 +226,7 @@ class PredictionCache:
         # The scope goes into the digest as BLAKE2b's personalisation (a distinct hash per scope, at no cost per
         # byte) rather than into the key as text: a 41-byte key (default prefix) instead of 66 cost Redis 0.35 us
         # less CPU a row stored (docs/benchmark.md).
-        person = _person(scope, user or "" if self.per_user else None)
+        person = _person(scope, (user or "") if self.per_user else None)
         # Adding 0.0 turns -0.0 into 0.0, so the two spellings of zero share a key; tobytes is C order whatever X's.
         data = (X + 0.0).tobytes()
         width = X.shape[1] * 8
