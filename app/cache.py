@@ -132,6 +132,16 @@ class Worth:
             self._rows = self._hits = 0
 
 
+class _InFront(Worth):
+    """The worker's tier in front of Redis: used for every small request, so its hits need no counting."""
+
+    def saw(self, rows: int, hits: int) -> None:
+        """Nothing to judge."""
+
+
+_IN_FRONT = _InFront()
+
+
 class PredictionCache:
     """Rows in, stored answers out; circuit breakers keep a failing Redis from costing each request."""
 
@@ -183,7 +193,7 @@ class PredictionCache:
         self._local: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._local_size = 0  # bytes of its keys and values
         self._local_lock = threading.Lock()  # threaded workers: the size must stay the sum of what is held
-        self._worth: dict[str, Worth] = {}  # whether the tier pays, per scope (model, backend, kind)
+        self._worth: dict[str, Worth] = {}  # whether the tier pays, per scope (model, backend, kind) on local tiers
 
     def worker_tier(self, scope: str, rows: int, shared: bool) -> Worth | None:
         """This worker's tier for a request of `rows` rows in scope, to pass to lookup; None when the request skips
@@ -191,12 +201,14 @@ class PredictionCache:
         the model's only one (not shared through Redis), a request its sampling passes over (Worth)."""
         if rows > LOCAL_MAX_ROWS or not self.local_entries:
             return None
+        if shared:
+            # In front of Redis the tier is always used, unjudged: what a miss costs it there was not measurable
+            # beside the round trips on the machine Worth was measured on (docs/benchmark.md, fourth pass).
+            return _IN_FRONT
         judge = self._worth.get(scope)
         if judge is None:
             judge = self._worth[scope] = Worth()
-        # In front of Redis the tier is always used: what a miss costs it there was not measurable beside the round
-        # trips on the machine Worth was measured on (docs/benchmark.md, fourth pass).
-        return judge if shared or judge.use() else None
+        return judge if judge.use() else None
 
     @property
     def state(self) -> str:
