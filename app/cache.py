@@ -306,11 +306,11 @@ class PredictionCache:
                 missing.append(i)
         return missing
 
-    def store(self, items: list[tuple[str, object]], shared: bool = True, local: bool = True) -> None:
-        """Keep fresh answers in this worker's memory (when local) and in Redis (when shared), stored before this
-        returns."""
+    def store(self, items: list[tuple[str, object]], shared: bool = True, tier: Worth | None = None) -> None:
+        """Keep fresh answers in this worker's memory (when tier, worker_tier's, is given) and in Redis (when
+        shared), stored before this returns."""
         send = shared and self.usable() and self._writes.allows()
-        local = local and self.local_entries
+        local = tier is not None and self.local_entries
         if not items or not (send or local):
             return  # checked before encoding: a dead Redis costs no work per request
         # The concatenation copies each answer out of orjson's 1 KiB buffer: kept alive by the thousand (a batch's

@@ -170,10 +170,10 @@ class Metrics:
         if now - self._rss_at >= _RSS_EVERY:
             self.sample_memory(now)
 
-    def prediction(self, result: Prediction, rows: int, cache) -> None:
+    def prediction(self, result: Prediction, rows: int) -> None:
         """Record what the pipeline did for one predict request: rows, cache outcome, the backend's time."""
         model = result.model
-        key = (model.name, model.version, model.backend.name, cache_outcome(result, cache))
+        key = (model.name, model.version, model.backend.name, cache_outcome(result))
         children = self._by_prediction.get(key)
         if children is None:
             children = (
@@ -258,13 +258,10 @@ def _info_labels(model) -> tuple[str, ...]:
     return model.name, model.version, model.sha256[:12], model.backend.name, model.cache_policy
 
 
-def cache_outcome(result: Prediction, cache) -> str:
-    """The cache outcome label: the X-Cache value in lower case, except that OFF for a model whose tiers include
-    Redis means Redis failed (the header says OFF either way: the caller got uncached answers). A model on the
-    worker's tier alone skips the cache for batches by design (cache.LOCAL_MAX_ROWS): that is off."""
-    if result.cache == "OFF" and cache.enabled and result.model.cache_tiers == "redis":
-        return "error"
-    return result.cache.lower()
+def cache_outcome(result: Prediction) -> str:
+    """The cache outcome label: the X-Cache value in lower case, except that OFF because Redis failed is error (the
+    header says OFF either way: the caller got uncached answers)."""
+    return "error" if result.cache == "OFF" and result.redis_failed else result.cache.lower()
 
 
 def worker_exited(app: Flask | None, pid: int) -> None:

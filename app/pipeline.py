@@ -21,6 +21,7 @@ class Prediction:
     hits: int
     timings: dict[str, float]  # seconds spent in each step: cache_get, predict, cache_set
     model: Model  # the version that answered (under a traffic split, the one drawn)
+    redis_failed: bool = False  # Redis was asked and could not answer (down, or its breaker open)
 
 
 def predict(
@@ -71,7 +72,7 @@ def predict(
     t2 = perf_counter()
 
     if keys and missing and store:
-        cache.store([(keys[i], rows[i]) for i in missing], shared, tier is not None)
+        cache.store([(keys[i], rows[i]) for i in missing], shared, tier)
     t3 = perf_counter()
 
     if not lookup and keys:
@@ -83,12 +84,13 @@ def predict(
     else:
         outcome = "PARTIAL" if hits else "MISS"
     timings = {"cache_get": t1 - t0, "predict": t2 - t1, "cache_set": t3 - t2}
+    failed = shared and lookup and keys is not None and not redis_ok
 
     if not proba:
-        return Prediction(rows, None, outcome, hits, timings, model)
+        return Prediction(rows, None, outcome, hits, timings, model, failed)
     classes = model.class_keys
     probabilities = [dict(zip(classes, r[1])) for r in rows]
-    return Prediction([r[0] for r in rows], probabilities, outcome, hits, timings, model)
+    return Prediction([r[0] for r in rows], probabilities, outcome, hits, timings, model, failed)
 
 
 def _compute(model: Model, X: np.ndarray, proba: bool, where: Sequence[int]) -> list:

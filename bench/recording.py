@@ -63,7 +63,7 @@ def main(model_path: str, backend: str, redis_url: str = "") -> None:
             "request_us": per_call(
                 lambda _: metrics.request_done("native.predict", "native", "POST", 200, g.log, 0.001, now, cache)
             ),
-            "prediction_us": per_call(lambda _: metrics.prediction(result, 1, cache)),
+            "prediction_us": per_call(lambda _: metrics.prediction(result, 1)),
             "drift_1_row_us": per_call(lambda _: drift.observe(model, X, result.predictions)),
         }
     # The rest only with Redis, which the limiter needs: the bench passes its own; a test of the metrics calls alone

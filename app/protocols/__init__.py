@@ -169,7 +169,7 @@ def serve(
     # Monitoring sees every answered row, cache hits included: they are live traffic all the same.
     extensions["sibyl.drift"].observe(result.model, X, result.predictions)
     extensions["sibyl.feedback"].remember(request_id, result.model, result.predictions, user)
-    extensions["sibyl.metrics"].prediction(result, len(X), cache)
+    extensions["sibyl.metrics"].prediction(result, len(X))
     return result
 
 
