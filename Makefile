@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint format bench stress model user postman clean
+.PHONY: run test lint format bench bench-peers stress model user postman clean
 
 $(VENV)/.runtime: requirements.txt
 	# Debian's own python3 makes venvs only with python3-venv installed.
@@ -54,6 +54,11 @@ format: $(VENV)/.dev
 bench: $(VENV)/.dev  ## side-by-side throughput/latency benchmark (needs wrk and nginx; installs them with apt if missing)
 	scripts/apt-need.sh wrk redis-server -:nginx
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Each peer gets its own virtualenv under bench/.peers/ (installed on first use, from PyPI): never the project's .venv.
+bench-peers: $(VENV)/.dev  ## Sibyl vs MLflow, MLServer and BentoML side by side (needs wrk; installs it with apt if missing)
+	scripts/apt-need.sh wrk redis-server ss:iproute2
+	$(PY) -m bench.peers $(BENCH_ARGS)
 
 stress: $(VENV)/.dev  ## 10-minute soak: mixed load, a rollout midway; checks 5xx, p99, memory, fds, Redis clients, logs
 	scripts/apt-need.sh wrk redis-server

@@ -4,11 +4,15 @@ import contextlib
 import json
 import os
 import resource
+import signal
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.servers import HarnessError, die_with_parent, proc_stat
+from tests.support.servers import HarnessError, die_with_parent, proc_stat, stop_all
 
 LUA = Path(__file__).with_name("predict.lua")
 
@@ -40,15 +44,27 @@ def memory(pids: list[int]) -> list[dict]:
     return out
 
 
-def wrk(url: str, c: int, seconds: int, threads: int, script_args: list[str], auth: str, split=None, idle_ok=True):
-    """One bounded wrk run with predict.lua: req/s, p50/p99/mean ms, errors and wrk's own CPU use.
+def wrk(
+    url: str,
+    c: int,
+    seconds: int,
+    threads: int,
+    script_args: list[str],
+    auth: str | None,
+    split=None,
+    idle_ok=True,
+    path: str = "/predict",
+):
+    """One bounded wrk run with predict.lua, posting to url + path (with basic auth unless auth is None): req/s,
+    p50/p99/mean ms, errors and wrk's own CPU use.
 
     With split (a callable giving connections per worker), look shortly after the start and, unless
     idle_ok, give up (returning None) when a worker got no connection: gthread workers accept greedily
     and keep their keep-alive connections, so such a run would measure one worker while the others idle."""
     args = ["wrk", "-t", str(min(threads, c)), "-c", str(c), "-d", f"{seconds}s"]
     # A 1000-row forest batch at 32 connections queues for a while; that is latency, not a timeout.
-    args += ["--timeout", "10s", "-s", str(LUA), "-H", f"Authorization: {auth}", url + "/predict", "--", *script_args]
+    args += ["--timeout", "10s", "-s", str(LUA), *(["-H", f"Authorization: {auth}"] if auth else []), url + path]
+    args += ["--", *script_args]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
     try:
@@ -82,3 +98,22 @@ def wrk(url: str, c: int, seconds: int, threads: int, script_args: list[str], au
         "wrk_cores": round(cpu / (r["duration_us"] / 1e6), 2),
         "conns_per_worker": conns,
     }
+
+
+def harnessed(label: str, work: Callable[[Path], dict]) -> dict | int:
+    """work(a fresh temporary folder)'s results, every process it started stopped on any exit (Ctrl-C and SIGTERM
+    included); after a harness error or an interrupt, said on stderr, the exit status instead (1, 130)."""
+    # SIGTERM becomes SystemExit so the `finally` below runs, as it does for Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"sibyl-{label}-") as tmp:
+            try:
+                return work(Path(tmp))
+            finally:
+                stop_all()
+    except HarnessError as e:
+        print(f"{label}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{label}: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130

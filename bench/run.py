@@ -13,11 +13,9 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -28,13 +26,12 @@ from time import perf_counter
 import numpy as np
 import orjson
 import requests
-from sklearn.ensemble import RandomForestClassifier
-from sklearn.linear_model import LogisticRegression
 
 from app.backends import choose_backend
 from app.registry import load_model, save_model
+from bench import models as recipe
 from bench import report
-from bench.measure import cpu_seconds, memory, wrk
+from bench.measure import cpu_seconds, harnessed, memory, wrk
 from config import Config
 from tests.support.nginx import Nginx
 from tests.support.servers import (
@@ -45,10 +42,9 @@ from tests.support.servers import (
     spawn,
     start_redis,
     stop,
-    stop_all,
 )
 
-FEATURES = 20
+FEATURES = recipe.FEATURES
 RESULTS = Path(__file__).with_name("results")
 # Tries per timed run before accepting a connection split that leaves a worker idle.
 SPLIT_TRIES = 12
@@ -233,15 +229,10 @@ class Bench:
 
 def make_models(workdir: Path) -> dict[str, dict]:
     """The issue's two models, fitted on seeded data and saved with metadata into the temp dir."""
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(5000, FEATURES))
-    y = (X[:, :5].sum(axis=1) + rng.normal(size=len(X)) > 0).astype(int)
+    X, y = recipe.data()
     models = {}
-    for name, estimator in (
-        ("RF", RandomForestClassifier(n_estimators=100, max_depth=10, random_state=0)),
-        ("LR", LogisticRegression(max_iter=1000, random_state=0)),
-    ):
-        estimator.fit(X, y)
+    for name in ("RF", "LR"):
+        estimator = recipe.train(name, X, y)
         path = workdir / f"{name.lower()}.joblib"
         # With reference statistics, as `flask register` saves them: drift is then computed on every request.
         save_model(estimator, path, name=name.lower(), version="1", sample_rows=X[:50], reference=(X, y))
@@ -610,20 +601,9 @@ def parse_args(argv: list[str] | None) -> Plan:
 def main(argv: list[str] | None = None) -> int:
     """Run the bench; every process it started is stopped on any exit, Ctrl-C and SIGTERM included."""
     plan = parse_args(argv)
-    # SIGTERM becomes SystemExit so the `finally` below runs, as it does for Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        with tempfile.TemporaryDirectory(prefix="sibyl-bench-") as tmp:
-            try:
-                results = run(plan, Path(tmp))
-            finally:
-                stop_all()
-    except HarnessError as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; every process it started is stopped", file=sys.stderr)
-        return 130
+    results = harnessed("bench", lambda workdir: run(plan, workdir))
+    if isinstance(results, int):
+        return results
     table = report.write(results, RESULTS)
     print("\n" + table)
     for target in results.get("targets", ()):
