@@ -446,7 +446,8 @@ def markdown(results: dict) -> str:
         f"{results['timestamp']}, commit {results['machine']['commit']}, {results['machine']['cores']} cores, "
         f"`{command}`: {s['rounds']} round(s) of {s['seconds']} s per server and "
         f"scenario (median kept), c={CONCURRENCY}, new random rows every request, 2 workers each. Load average "
-        f"before: {results['machine']['loadavg_before']}.",
+        f"before: {results['machine']['loadavg_before']}; 10^7 Python additions in "
+        f"{results['machine'].get('python_loop_s', '?')} s (the machine's speed).",
         "",
         "## Requests per second",
         "",

@@ -513,6 +513,18 @@ def worker_memory(server: Gunicorn) -> dict:
     }
 
 
+def python_loop_seconds() -> float:
+    """Seconds this machine's Python takes for 10^7 additions in a loop (best of 3): how fast the machine was, so a
+    run's absolute figures (µs of CPU a row) can be read against another's."""
+    best = float("inf")
+    for _ in range(3):
+        t0, total = perf_counter(), 0
+        for i in range(10**7):
+            total += i
+        best = min(best, perf_counter() - t0)
+    return round(best, 2)
+
+
 def machine(bench: Bench) -> dict:
     """What the numbers were measured on."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
@@ -531,6 +543,7 @@ def machine(bench: Bench) -> dict:
         "redis": bench.redis.info("server")["redis_version"],
         # Other work on the machine skews every number; a load average well above 0 before the run says so.
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "python_loop_s": python_loop_seconds(),
         "commit": git("rev-parse", "--short", "HEAD")
         + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""),
     }
