@@ -568,7 +568,7 @@ def _decode(raw: bytes) -> tuple[float, object]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _hasher(scope: str, user: str | None) -> "hashlib._Hash":
+def _hasher(scope: str, user: str | None) -> hashlib.blake2b:
     """The BLAKE2b hasher (128-bit) of a scope's row digests, never updated itself: personalised by the scope (and a
     user's name, per-user scope, which so never reaches Redis) through a 16-byte digest of it."""
     text = scope if user is None else f"{scope}\0user\0{user}"

@@ -43,7 +43,7 @@ def predict(
     # The model's cache tiers are read here and nowhere else: off, local (this worker's memory), redis (then Redis).
     tiers = model.cache_tiers
     shared = tiers == "redis"
-    keys, stored, redis_ok = None, None, False
+    keys, stored, failed = None, None, False
     if tiers != "off" and cache.enabled:
         # Answers depend on the artifact, the backend that computed them (its precision and library versions) and
         # what was asked.
@@ -55,7 +55,9 @@ def predict(
             keys = cache.keys(scope, X, user)
             valid = _valid_proba if proba else _valid_label
             # A bypass predicts every row, as a cache that holds nothing would (its outcome is BYPASS regardless).
-            stored, redis_ok = cache.lookup(keys, valid, store, shared, tier) if lookup else (None, False)
+            if lookup:
+                stored, answered = cache.lookup(keys, valid, store, shared, tier)
+                failed = not answered  # only Redis can fail to answer
     t1 = perf_counter()
 
     if stored is None:
@@ -79,12 +81,11 @@ def predict(
         outcome = "BYPASS"
     elif keys and not missing:
         outcome = "HIT"
-    elif not hits and not redis_ok:
+    elif not hits and (keys is None or failed):
         outcome = "OFF"  # not configured, off for this model, or Redis is unavailable and this worker held none
     else:
         outcome = "PARTIAL" if hits else "MISS"
     timings = {"cache_get": t1 - t0, "predict": t2 - t1, "cache_set": t3 - t2}
-    failed = shared and lookup and keys is not None and not redis_ok
 
     if not proba:
         return Prediction(rows, None, outcome, hits, timings, model, failed)

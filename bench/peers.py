@@ -21,15 +21,26 @@ import requests
 
 from bench import measure
 from bench.measure import cpu_seconds
-from bench.run import FEATURES, RESULTS, SPLIT_TRIES, Bench, Plan, check_sibyl, machine, make_models
+from bench.run import (
+    FEATURES,
+    RESULTS,
+    SPLIT_TRIES,
+    Bench,
+    Plan,
+    check_sibyl,
+    machine,
+    make_models,
+    median_run,
+    rotated,
+)
 from tests.support.servers import (
     ROOT,
     Gunicorn,
     HarnessError,
-    die_with_parent,
     free_port,
     proc_stat,
     serving,
+    spawn,
     stop,
 )
 
@@ -207,16 +218,8 @@ def start_peer(peer: Peer, name: str, layout: dict, workdir: Path, stack: contex
         args += ["--working-dir", str(folder)]
         endpoint, ready = "/predict", "/readyz"
     log = workdir / f"{peer.name}-{model}-{port}.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [str(venv_bin(peer) / args[0]), *args[1:]],
-            cwd=folder,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() ends it and every process it started
-            preexec_fn=die_with_parent,
-        )
+    # Its own process group (stop() ends it and every process it started), also stopped by harnessed's stop_all.
+    proc = spawn([str(venv_bin(peer) / args[0]), *args[1:]], stdout=log, stderr=log, env=env, cwd=folder)
     stack.callback(stop_tree, proc)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -353,18 +356,11 @@ def drive(bench: Bench, target: Target, model: str, rows: int, settings: Setting
     return run
 
 
-def _rotated(items: list, by: int) -> list:
-    """items starting at position `by`: each round starts with the next server."""
-    k = by % len(items)
-    return items[k:] + items[:k]
-
-
 def _median(runs: list[dict]) -> dict:
     """The run with the median req/s (the lower middle one for an even count) and every round's req/s; failed if any
     round failed. A peer's median is taken over its rounds whose connections reached both its workers, where any
     did: a run on one worker measures half the peer, and the claim is weighed against the peer at its best."""
-    ordered = sorted([r for r in runs if not one_worker(r)] or runs, key=lambda r: r["req_s"])
-    run = ordered[(len(ordered) - 1) // 2] | {"rounds_req_s": [r["req_s"] for r in runs]}
+    run = median_run([r for r in runs if not one_worker(r)] or runs) | {"rounds_req_s": [r["req_s"] for r in runs]}
     run["rounds_one_worker"] = [one_worker(r) for r in runs]
     failures = [r["failed"] for r in runs if "failed" in r]
     return run | ({"failed": "; ".join(failures)} if failures else {})
@@ -398,7 +394,7 @@ def measure_model(bench: Bench, name: str, model: dict, layouts: dict, settings:
         for i in range(settings.rounds):
             print(f"bench-peers: {name}, round {i + 1} of {settings.rounds}", flush=True)
             for rows in ROWS:
-                for target in _rotated(targets, i):
+                for target in rotated(targets, i):
                     runs[rows, target.name].append(drive(bench, target, name, rows, settings))
         return [_median(r) for r in runs.values()]
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -415,16 +416,16 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
             turn = [(s, name) for s, name in lineup if s.name in CACHED or not shape.hit]
             rounds = [[] for _ in turn]
             for i in range(bench.plan.rounds):
-                for j in _rotated(range(len(turn)), i):
+                for j in rotated(range(len(turn)), i):
                     server, name = turn[j]
                     rounds[j].append(
                         bench.load(server, name, shape, c, models[name]["hit_body"] if shape.hit else None)[0]
                     )
-            bench.runs += [_median(runs) for runs in rounds]
+            bench.runs += [median_run(runs) for runs in rounds]
     for server, name in lineup:
         if server.name == "sibyl":
             # One connection, so server time shows as latency; its own rounds, since one run swings 20%.
-            bench.runs.append(_median([bench.load(server, name, BATCH, 1)[0] for _ in range(bench.plan.rounds)]))
+            bench.runs.append(median_run([bench.load(server, name, BATCH, 1)[0] for _ in range(bench.plan.rounds)]))
             results["memory"][name] = worker_memory(server)
             results["backends"][name] = served_version(bench, server)["backend"]
 
@@ -465,13 +466,13 @@ def keepalive_model(bench: Bench, name: str, model: dict, results: dict, stack: 
         for c in bench.plan.concurrencies:
             rounds = [[] for _ in routes]
             for i in range(bench.plan.rounds):
-                for j in _rotated(range(len(routes)), i):
+                for j in rotated(range(len(routes)), i):
                     run = bench.load(routes[j], name, shape, c, model["hit_body"] if shape.hit else None)[0]
                     rounds[j].append(run)
             for runs in rounds:
                 # How many rounds left a gthread worker without a connection (a Route's runs are not redone).
                 idle = sum(1 for r in runs if r["conns_per_worker"] and min(r["conns_per_worker"]) == 0)
-                bench.keepalive_runs.append(_median(runs) | {"rounds_idle_worker": idle})
+                bench.keepalive_runs.append(median_run(runs) | {"rounds_idle_worker": idle})
 
 
 def _size(path: Path) -> int:
@@ -487,13 +488,13 @@ def client_connections(proxy: Nginx, offset: int) -> int:
         return len(set(re.findall(rb'"connection":(\d+),', f.read())))
 
 
-def _rotated(items: range, by: int) -> list:
+def rotated(items: Sequence, by: int) -> list:
     """items starting at position `by`: each round starts with a different server."""
     k = by % len(items)
     return [*items[k:], *items[:k]]
 
 
-def _median(runs: list[dict]) -> dict:
+def median_run(runs: list[dict]) -> dict:
     """The run with the median req/s (the lower middle one for an even count), with every round's req/s."""
     ordered = sorted(runs, key=lambda r: r["req_s"])
     return ordered[(len(ordered) - 1) // 2] | {"rounds_req_s": [r["req_s"] for r in runs]}

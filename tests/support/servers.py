@@ -74,12 +74,15 @@ def die_with_parent() -> None:
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def spawn(args: list[str], stdout: Path | None = None, stderr: Path | None = None, env: dict | None = None):
-    """Start a long-lived process in its own process group, remembered by stop_all()."""
+def spawn(
+    args: list[str], stdout: Path | None = None, stderr: Path | None = None, env: dict | None = None, cwd: Path = ROOT
+):
+    """Start a long-lived process in its own process group (in cwd, the repository unless given), remembered by
+    stop_all()."""
     with contextlib.ExitStack() as files:
         out, err = (files.enter_context(open(p, "ab")) if p else subprocess.DEVNULL for p in (stdout, stderr))
         proc = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True, preexec_fn=die_with_parent
+            args, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True, preexec_fn=die_with_parent
         )
     _started.append(proc)
     return proc
