@@ -141,6 +141,14 @@ def test_reading_the_config_file_loads_no_numpy():
     assert proc.stdout.split() == ["False", "1"], proc.stderr
 
 
+def test_workers_fork_with_the_masters_objects_out_of_the_collectors_reach():
+    """gunicorn.conf.py's pre_fork freezes what the master loaded, so a worker's garbage collections skip it."""
+    code = "import gc, runpy; hooks = runpy.run_path('gunicorn.conf.py'); before = gc.get_freeze_count(); "
+    code += "hooks['pre_fork'](None, None); print(before, gc.get_freeze_count() > 10000)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["0", "True"], proc.stderr
+
+
 # A product token with a version (gunicorn/27.0.1, Python/3.11), or a stack component's name anywhere.
 STACK = re.compile(r"gunicorn|werkzeug|python|flask|[A-Za-z-]+/\d", re.IGNORECASE)
 
