@@ -400,11 +400,17 @@ class Registry:
         return [self.entries[name].describe() for name in sorted(self.entries)]
 
 
+# A miss through Redis makes this many round trips (the lookup, then the store), a hit one: a row that costs more
+# than a miss's round trips is worth asking Redis for once two thirds of rows hit, at the costs auto measures.
+MISS_ROUND_TRIPS = 2
+
+
 def decide_cache(models: list[Model], round_trip: Callable[[], float | None] | None) -> None:
     """Turn each model's cache policy into the tiers it uses. auto keeps Redis only where predicting a row costs
-    more than the Redis round trip it would save (a compiled forest predicts in about 0.1 ms, less than one round
-    trip, so there Redis costs throughput); the worker's own memory is used for every policy but off. round_trip
-    measures Redis once, and only if some model's policy is auto."""
+    more than a miss's round trips (MISS_ROUND_TRIPS): a compiled model that answers a row in about one round trip
+    loses throughput to Redis on every miss and gains little on a hit (docs/benchmark.md, sixth pass); the worker's
+    own memory is used for every policy but off. round_trip measures Redis once, and only if some model's policy
+    is auto."""
     auto = [model for model in models if model.cache_policy == "auto"]
     trip = round_trip() if auto and round_trip else None
     for model in models:
@@ -418,8 +424,8 @@ def decide_cache(models: list[Model], round_trip: Callable[[], float | None] | N
             model.cache_tiers, why = "redis", "Redis round trip not measured (cache off or down)"
         else:
             model.cache_figures["redis_round_trip_us"] = round(trip * 1e6, 1)
-            model.cache_tiers = "redis" if row > trip else "local"
-            why = f"one row costs {row * 1e6:.0f} us, a Redis round trip {trip * 1e6:.0f} us"
+            model.cache_tiers = "redis" if row > MISS_ROUND_TRIPS * trip else "local"
+            why = f"one row costs {row * 1e6:.0f} us, a miss {MISS_ROUND_TRIPS} Redis round trips of {trip * 1e6:.0f}"
         log.info("model %s %s: CACHE_POLICY auto: %s: tiers %s", model.name, model.version, why, model.cache_tiers)
 
 

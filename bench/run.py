@@ -401,8 +401,8 @@ def measure(bench: Bench, models: dict, results: dict, stack: contextlib.ExitSta
             serving("sibyl-nocache", "wsgi:app", bench.workdir, env | {"CACHE_ENABLED": "false"})
         )
         bench.check(uncached, model["body"], model["expected"], cache="OFF")
-        # CACHE_POLICY=auto: Redis only where predicting a row costs more than the round trip (each worker's memory
-        # otherwise), as weighed at startup; GET /models says which it chose.
+        # CACHE_POLICY=auto: Redis only where predicting a row costs more than a miss's round trips (each worker's
+        # memory otherwise), as weighed at startup; GET /models says which it chose.
         auto = stack.enter_context(serving("sibyl-auto", "wsgi:app", bench.workdir, env | {"CACHE_POLICY": "auto"}))
         tiers = check_sibyl(bench, auto, model)
         results["auto"][name] = served_version(bench, auto)["cache"]

@@ -1,4 +1,4 @@
-"""Per-model cache policy: on, off, or auto (Redis only where predicting a row costs more than a round trip)."""
+"""Per-model cache policy: on, off, or auto (Redis only where predicting a row costs more than a miss's round trips)."""
 
 import pytest
 import redis
@@ -13,12 +13,16 @@ def post(client, path="/predict"):
     return client.post(path, json={"features": IRIS_ROWS}, headers=basic_auth())
 
 
-@pytest.mark.parametrize(("trip", "tiers"), [(1e-9, "redis"), (10.0, "local"), (None, "redis")])
-def test_auto_weighs_a_row_against_the_round_trip(make_app, trip, tiers):
-    """auto keeps Redis where a row costs more than the round trip, the worker tier alone where it costs less,
-    and Redis (failing open) when the round trip could not be measured; the figures say what was weighed."""
+@pytest.mark.parametrize(
+    ("trips_in_a_row", "tiers"), [(1e6, "redis"), (2.5, "redis"), (1.5, "local"), (1e-6, "local"), (None, "redis")]
+)
+def test_auto_weighs_a_row_against_a_miss_round_trips(make_app, trips_in_a_row, tiers):
+    """auto keeps Redis where a row costs more than a miss's two round trips (lookup and store), the worker tier
+    alone where it costs less, even where it costs more than one (a miss would pay two to save less than one hit
+    gains), and Redis (failing open) when the round trip could not be measured; the figures say what was weighed."""
     model = served_model(make_app(CACHE_POLICY="on"))
     model.cache_policy = "auto"
+    trip = None if trips_in_a_row is None else model.backend.row_seconds / trips_in_a_row
     decide_cache([model], lambda: trip)
     assert model.cache_tiers == tiers
     assert model.cache_figures["row_us"] == round(model.backend.row_seconds * 1e6, 1) > 0
@@ -39,7 +43,7 @@ def test_auto_decision_is_served_as_shown(make_app, redis_url):
     app = make_app(REDIS_URL=redis_url, CACHE_POLICY="auto")
     client = app.test_client()
     shown = client.get("/models/iris/versions/1", headers=basic_auth()).json["cache"]
-    assert shown["tiers"] == ("redis" if shown["row_us"] > shown["redis_round_trip_us"] else "local")
+    assert shown["tiers"] == ("redis" if shown["row_us"] > 2 * shown["redis_round_trip_us"] else "local")
     assert [post(client).headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
     keys = redis.Redis.from_url(redis_url).dbsize()
     assert keys == (2 if shown["tiers"] == "redis" else 0)
