@@ -5,7 +5,7 @@ import redis
 from conftest import IRIS_ROWS, basic_auth, served_model
 
 from app.cache import LOCAL_MAX_ROWS, Worth
-from app.registry import decide_cache
+from app.registry import MISS_ROUND_TRIPS, decide_cache
 
 
 def post(client, path="/predict"):
@@ -43,7 +43,7 @@ def test_auto_decision_is_served_as_shown(make_app, redis_url):
     app = make_app(REDIS_URL=redis_url, CACHE_POLICY="auto")
     client = app.test_client()
     shown = client.get("/models/iris/versions/1", headers=basic_auth()).json["cache"]
-    assert shown["tiers"] == ("redis" if shown["row_us"] > 2 * shown["redis_round_trip_us"] else "local")
+    assert shown["tiers"] == ("redis" if shown["row_us"] > MISS_ROUND_TRIPS * shown["redis_round_trip_us"] else "local")
     assert [post(client).headers["X-Cache"] for _ in range(2)] == ["MISS", "HIT"]
     keys = redis.Redis.from_url(redis_url).dbsize()
     assert keys == (2 if shown["tiers"] == "redis" else 0)
