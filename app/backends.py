@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import select
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 # Compiled and scikit-learn outputs must agree this closely on the sample rows before we switch. A regressor's
 # value is the answer itself, so it must match to float64 rounding (the atol only matters for values near 0).
 PROBA_ATOL = 1e-5
+# Up to this many rows, near-ties are looked for in Python rather than numpy (_near_ties).
+SMALL_BATCH = 8
 VALUE_RTOL, VALUE_ATOL = 1e-9, 1e-12
 _TREE_MODULES = ("sklearn.ensemble", "sklearn.tree")
 # Libraries whose versions decide what a kept compiled graph computes.
@@ -111,15 +114,34 @@ class OnnxBackend:
         if self.check_ties and p.shape[1] > 1:
             # Near-ties (a forest's 50/50 vote) can break the other way after float32 summation;
             # scikit-learn answers those few rows so labels always match it exactly.
-            top2 = np.partition(p, -2, axis=1)[:, -2:]
-            unsure = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * PROBA_ATOL)
-            if unsure.size:
+            unsure = _near_ties(p)
+            if len(unsure):
                 labels[unsure], p[unsure] = self.reference.predict(X[unsure], proba=True)
         if not proba and not np.isfinite(p).all():
             # A label drawn from NaN probabilities is no answer: hand them on, so the pipeline refuses the rows (422
             # non_finite_answer) as it does when they are asked for, and as scikit-learn itself refuses them.
             return labels, p
         return labels, (p if proba else None)
+
+
+def _near_ties(p: np.ndarray) -> list[int] | np.ndarray:
+    """The rows whose two most likely classes are within 2 * PROBA_ATOL of each other (never a row holding NaN)."""
+    if len(p) <= SMALL_BATCH:
+        # A few rows in Python: numpy's five calls cost 5-14 us on one row, most of a compiled model's answer.
+        return [i for i, row in enumerate(p.tolist()) if _margin(row) <= 2 * PROBA_ATOL]
+    top2 = np.partition(p, -2, axis=1)[:, -2:]
+    return np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * PROBA_ATOL)
+
+
+def _margin(row: list[float]) -> float:
+    """The largest value less the second largest, as np.partition finds them: NaN when the row holds a NaN (numpy
+    sorts it last) or both infinities."""
+    if len(row) == 2:
+        return abs(row[0] - row[1])
+    if math.isnan(sum(row)):  # a NaN, or +inf and -inf: sorted() would order a NaN arbitrarily
+        return math.nan
+    *_, second, first = sorted(row)
+    return first - second
 
 
 def sample_rows(model: Model) -> np.ndarray:

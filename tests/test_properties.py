@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from app import create_app
+from app import backends, create_app
 from app.errors import ApiError
 from app.validation import to_matrix
 from tests.conftest import basic_auth, iris_settings, served_model
@@ -209,3 +209,22 @@ def test_validation_gives_a_finite_matrix_or_a_4xx(app, rows):
         return
     assert X.dtype == np.float64 and X.ndim == 2 and X.shape[1] == 4 and np.isfinite(X).all()
     assert len(X) == (1 if type(rows[0]) in (int, float) else len(rows))
+
+
+# Probabilities as a backend may return them: near-ties, exact ties, NaN, both infinities, any width.
+_PROBABILITY = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([0.5, 0.5 + 1e-5, 0.5 - 1e-5, 0.5 + 3e-5, 1 / 3]),
+)
+
+
+@PROPERTY
+@given(st.integers(2, 5).flatmap(lambda k: st.lists(st.lists(_PROBABILITY, min_size=k, max_size=k), min_size=1)))
+def test_near_ties_found_in_python_match_numpys(rows):
+    """The compiled backend's few-row near-tie search (in Python) picks exactly the rows numpy's picks, whatever
+    the probabilities hold; those rows are the ones scikit-learn answers instead."""
+    p = np.asarray(rows, dtype=np.float64)
+    top2 = np.partition(p, -2, axis=1)[:, -2:]
+    with np.errstate(invalid="ignore"):  # inf - inf is NaN, as it is to numpy's own search
+        expected = np.flatnonzero(top2[:, 1] - top2[:, 0] <= 2 * backends.PROBA_ATOL).tolist()
+    assert list(backends._near_ties(p[: backends.SMALL_BATCH])) == [i for i in expected if i < backends.SMALL_BATCH]
