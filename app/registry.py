@@ -425,7 +425,8 @@ def decide_cache(models: list[Model], round_trip: Callable[[], float | None] | N
         else:
             model.cache_figures["redis_round_trip_us"] = round(trip * 1e6, 1)
             model.cache_tiers = "redis" if row > MISS_ROUND_TRIPS * trip else "local"
-            why = f"one row costs {row * 1e6:.0f} us, a miss {MISS_ROUND_TRIPS} Redis round trips of {trip * 1e6:.0f}"
+            trips = f"{MISS_ROUND_TRIPS} Redis round trips of {trip * 1e6:.0f} us each"
+            why = f"one row costs {row * 1e6:.0f} us, a miss {trips}"
         log.info("model %s %s: CACHE_POLICY auto: %s: tiers %s", model.name, model.version, why, model.cache_tiers)
 
 
