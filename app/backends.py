@@ -18,6 +18,7 @@ import sklearn
 from threadpoolctl import threadpool_limits
 
 from app.artifacts import ModelError, refuse_world_writable
+from app.drift import SMALL_BATCH
 from app.registry import Model, final_estimator, without_feature_names, write_atomically
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,6 @@ log = logging.getLogger(__name__)
 # Compiled and scikit-learn outputs must agree this closely on the sample rows before we switch. A regressor's
 # value is the answer itself, so it must match to float64 rounding (the atol only matters for values near 0).
 PROBA_ATOL = 1e-5
-# Up to this many rows, near-ties are looked for in Python rather than numpy (_near_ties).
-SMALL_BATCH = 8
 VALUE_RTOL, VALUE_ATOL = 1e-9, 1e-12
 _TREE_MODULES = ("sklearn.ensemble", "sklearn.tree")
 # Libraries whose versions decide what a kept compiled graph computes.
@@ -126,7 +125,7 @@ class OnnxBackend:
 
 def _near_ties(p: np.ndarray) -> list[int] | np.ndarray:
     """The rows whose two most likely classes are within 2 * PROBA_ATOL of each other (never a row holding NaN)."""
-    if len(p) <= SMALL_BATCH:
+    if len(p) <= SMALL_BATCH:  # drift's threshold, for the same reason: numpy's fixed cost per call
         # A few rows in Python: numpy's five calls cost 5-14 us on one row, most of a compiled model's answer.
         return [i for i, row in enumerate(p.tolist()) if _margin(row) <= 2 * PROBA_ATOL]
     top2 = np.partition(p, -2, axis=1)[:, -2:]

@@ -28,7 +28,8 @@ MIN_ROWS = 100
 REPORT_SHARE = 0.01
 # Requests of up to this many rows are binned in Python (bisect per value, counts in a list): for one row of 20
 # features that is 8 us against 28 us for the numpy calls (a comparison per rank of cut points, bincounts), whose
-# fixed cost only pays off on larger batches (even at 8 rows: 46 us each).
+# fixed cost only pays off on larger batches (even at 8 rows: 46 us each). The compiled backend's near-tie search
+# switches to numpy at the same size.
 SMALL_BATCH = 8
 
 # The worst worker alerts: each worker has its own window, and a drifted slice of traffic may reach only some.

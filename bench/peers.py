@@ -37,8 +37,8 @@ from tests.support.servers import (
     ROOT,
     Gunicorn,
     HarnessError,
+    descendants,
     free_port,
-    proc_stat,
     serving,
     spawn,
     stop,
@@ -236,21 +236,6 @@ def start_peer(peer: Peer, name: str, layout: dict, workdir: Path, stack: contex
 def _tail(log: Path) -> str:
     """The end of a peer's log, for error messages."""
     return log.read_text(errors="replace")[-3000:] if log.exists() else ""
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below pid (children, grandchildren...), from /proc."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                parents[int(entry.name)] = int(proc_stat(int(entry.name))[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [p for p, parent in parents.items() if parent in frontier]
-        found += children
-        frontier = children
-    return sorted(found)
 
 
 def stop_tree(proc: subprocess.Popen) -> None:

@@ -257,15 +257,28 @@ def tcp_sockets(pid: int, port: int, remote: bool = False) -> set[int]:
     return held
 
 
-def children(pid: int) -> list[int]:
-    """PIDs of a process's children, from /proc."""
-    pids = []
+def _parents() -> dict[int, int]:
+    """Every process's parent, by pid, from /proc (a process that exits while read is left out)."""
+    parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if int(proc_stat(int(entry.name))[1]) == pid:  # ppid
-                    pids.append(int(entry.name))
-    return sorted(pids)
+            with contextlib.suppress(OSError, IndexError):
+                parents[int(entry.name)] = int(proc_stat(int(entry.name))[1])
+    return parents
+
+
+def children(pid: int) -> list[int]:
+    """PIDs of a process's children, from /proc."""
+    return sorted(p for p, parent in _parents().items() if parent == pid)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (children, grandchildren...), from /proc."""
+    parents, found, frontier = _parents(), [], {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier}
+        found += frontier
+    return sorted(found)
 
 
 def refused_start(env: dict) -> list[str]:
