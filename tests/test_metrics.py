@@ -443,3 +443,42 @@ def test_scrape_reads_around_a_worker_file_deleted_mid_scrape(app, tmp_path, mon
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     assert app.extensions["sibyl.metrics"].families() == []
     assert len(listed) == 2
+
+
+_FORKED_WRITES = """
+import os, sys
+from app import metrics  # first: it sets the process-id hook before any metric exists
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.multiprocess import MultiProcessCollector
+
+counter = Counter("forked", "counts from two processes", ["who"], registry=None)
+counter.labels("parent").inc()
+child = os.fork()
+if child == 0:
+    counter.labels("child").inc(2)
+    counter.labels("parent").inc(3)  # the parent's series, written from the child: the child's own file
+    os._exit(0)
+os.waitpid(child, 0)
+counter.labels("parent").inc()
+files = sorted(os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+totals = {s.labels["who"]: s.value for f in registry.collect() for s in f.samples if s.name == "forked_total"}
+print(files == sorted([f"counter_{os.getpid()}.db", f"counter_{child}.db"]), totals)
+"""
+
+
+def test_a_forked_worker_writes_its_own_metric_file(tmp_path):
+    """Multiprocess mode keeps each process's counts in a file named after it (app.metrics reads the id once per
+    process and again after a fork, not at every write): a forked worker writes its own file, and the scrape adds
+    both up."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKED_WRITES],
+        cwd=ROOT,
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "True {'parent': 5.0, 'child': 2.0}"
