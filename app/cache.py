@@ -8,6 +8,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import chain
 
 import hiredis
 import numpy as np
@@ -371,7 +372,7 @@ class PredictionCache:
             if self.cluster:
                 _on_their_nodes(client, [("SET", key, value, "EX", self.ttl) for key, value in items])
             elif self._evicts or (self._evicts is None and self._read_eviction(client)):
-                self._call(client, "MSET", *(part for item in items for part in item))
+                self._call(client, "MSET", *chain.from_iterable(items))
             elif len(items) == 1:
                 ((key, value),) = items
                 self._call(client, "SET", key, value, "EX", self.ttl)
