@@ -1,7 +1,6 @@
 """One audit line per admin action or refused-login burst, on the request log's stdout."""
 
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -9,7 +8,7 @@ from collections.abc import Callable
 
 from flask import g, has_request_context, request
 
-from app import request_log
+from app import process, request_log
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ def audit(action: str, outcome: str, reason: str | None = None, **fields) -> Non
     line = {
         "event": "audit",
         "request_id": g.get("request_id") if in_request else None,
-        "pid": os.getpid(),
+        "pid": process.pid(),
         "remote_addr": request.remote_addr if in_request else None,
         "user": g.log.get("user") if in_request and "log" in g else None,
         "action": action,

@@ -17,6 +17,7 @@ import numpy as np
 import sklearn
 from threadpoolctl import threadpool_limits
 
+from app import process
 from app.artifacts import ModelError, refuse_world_writable
 from app.drift import SMALL_BATCH
 from app.registry import Model, final_estimator, without_feature_names, write_atomically
@@ -97,11 +98,11 @@ class OnnxBackend:
         self.session = ort.InferenceSession(self.onnx_bytes, opts, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self._pid = os.getpid()
+        self._pid = process.pid()
 
     def predict(self, X: np.ndarray, proba: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Same contract as SklearnBackend.predict."""
-        if self._pid != os.getpid():
+        if self._pid != process.pid():
             self.warm()
         out = self.session.run(self.outputs, {self.input_name: X.astype(self.dtype, copy=False)})
         if self.classes is None:

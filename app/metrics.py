@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from werkzeug.exceptions import NotFound
 
+from app import process
 from app.auth import auth
 from app.pipeline import Prediction
 from app.registry import Registry
@@ -47,26 +48,11 @@ _RSS_EVERY = 1.0
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    """Note the new process's id (os.register_at_fork, in the child)."""
-    global _pid
-    _pid = os.getpid()
-
-
-def _process_id() -> int:
-    """This process's id, as read at its start or fork: what names its metric files in multiprocess mode."""
-    return _pid
-
-
 if values.ValueClass is not values.MutexValue:  # multiprocess mode (PROMETHEUS_MULTIPROC_DIR was set)
     # prometheus_client asks for the process id at every metric write, to notice a fork: 11 getpid() system calls a
     # request, 0.8 us each on this VM (about 2% of a cache hit's CPU under gunicorn). The library takes the identifier
-    # as a function (its documented hook); a fork hook keeps this one's copy right in every child instead.
-    os.register_at_fork(after_in_child=_forked)
-    values.ValueClass = values.MultiProcessValue(process_identifier=_process_id)
+    # as a function (its documented hook): app.process's, which a fork hook keeps right in every child.
+    values.ValueClass = values.MultiProcessValue(process_identifier=process.pid)
 
 
 def multiprocess_dir() -> str | None:

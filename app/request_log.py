@@ -15,6 +15,8 @@ from time import perf_counter, time
 import orjson
 from flask import Flask, Response, g, request
 
+from app import process
+
 log = logging.getLogger(__name__)
 
 # A caller's X-Request-ID is echoed into logs and headers, so only a safe token is accepted.
@@ -226,7 +228,7 @@ class RequestLines:
             return
         fields = {
             "request_id": request_id,
-            "pid": os.getpid(),  # which gunicorn worker answered
+            "pid": process.pid(),  # which gunicorn worker answered
             "remote_addr": remote_addr,
             "user": None,
             "method": method,

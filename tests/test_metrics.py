@@ -447,7 +447,7 @@ def test_scrape_reads_around_a_worker_file_deleted_mid_scrape(app, tmp_path, mon
 
 _FORKED_WRITES = """
 import os, sys
-from app import metrics  # first: it sets the process-id hook before any metric exists
+from app import metrics  # first: it hands prometheus_client app.process's id before any metric exists
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -469,7 +469,7 @@ print(files == sorted([f"counter_{os.getpid()}.db", f"counter_{child}.db"]), tot
 
 
 def test_a_forked_worker_writes_its_own_metric_file(tmp_path):
-    """Multiprocess mode keeps each process's counts in a file named after it (app.metrics reads the id once per
+    """Multiprocess mode keeps each process's counts in a file named after it (app.process reads the id once per
     process and again after a fork, not at every write): a forked worker writes its own file, and the scrape adds
     both up."""
     out = subprocess.run(
