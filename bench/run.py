@@ -1,6 +1,6 @@
-"""`make bench`: Sibyl (cache on, off and auto) vs a raw-WSGI ceiling, a Flask ceiling, a Flask + Redis ceiling and
-the naive tutorial app, all on loopback; then a keep-alive client reaching Sibyl four ways (sync or gthread workers,
-with or without nginx in front)."""
+"""`make bench`: Sibyl (cache on, off and auto) vs a raw-WSGI ceiling, a Flask ceiling, a Flask + per-row Redis
+ceiling and the naive tutorial app, all on loopback; then a keep-alive client reaching Sibyl four ways (sync or
+gthread workers, with or without nginx in front)."""
 
 import argparse
 import base64
