@@ -160,7 +160,7 @@ def targets(results: dict) -> list[dict]:
         everything = [(_label(r), r.get("x_naive")) for r in runs if r["server"] == server]
         add(f"{BASE_LABELS[server]} vs naive app, every scenario", "≥ 1.0× each", everything, at_least(1), many=True)
         short = [r for r in runs if r["server"] == server and r.get("x_naive") is not None and r["x_naive"] < 1]
-        bounds = listed([(_label(r), _ceiling_x_naive(runs, r)) for r in short if _ceiling_x_naive(runs, r)], "×")
+        bounds = listed([(_label(r), x) for r in short if (x := _ceiling_x_naive(runs, r))], "×")
         if bounds:
             # Where a cache-on miss falls short, the bound: the per-row Redis ceiling's own ratio in that cell.
             found[-1]["measured"] += f"; the Flask + per-row Redis ceiling there: {bounds}"
