@@ -475,10 +475,11 @@ class PredictionCache:
         (a URL redis-py refuses, a bad TLS option, no cluster node answering) is a redis.ConnectionError: the cache
         is down, not the request. A cluster client reads the cluster's layout (which node serves which slots) as it
         is made, and again after a failure, from any node it knows (so not only REDIS_URL's)."""
-        if self._relayout and self._pid == process.pid():
+        pid = process.pid()
+        if self._relayout and self._pid == pid:
             self._client.nodes_manager.initialize()
             self._relayout = False
-        if self._pid != process.pid():
+        if self._pid != pid:
             options = {
                 "socket_timeout": self.timeout,
                 "socket_connect_timeout": self.timeout,
@@ -501,7 +502,7 @@ class PredictionCache:
                     self._client = (RedisCluster if self.cluster else redis.Redis).from_url(self.url, **options)
             except Exception as e:
                 raise redis.ConnectionError(f"cannot set up a Redis connection: {_describe(e)}") from e
-            self._pid, self._relayout, self._evicts = process.pid(), False, None
+            self._pid, self._relayout, self._evicts = pid, False, None
         return self._client
 
     def _failed(self, breaker: _Breaker, e: Exception) -> None:

@@ -55,7 +55,8 @@ def predict_cached() -> dict:
     """The least a per-row cache does on a miss: parse the body, a 128-bit BLAKE2b digest of each row's float64
     bytes, one MGET of their keys, one MSET of an answer for each (no expiry: the bench's Redis evicts by itself, and
     Sibyl sends one MSET there too). On one row, a round trip each way: the limit for a cached service's 1-row miss;
-    on a batch, what no per-row cache can beat, model or no model."""
+    on a batch, what per-row keys cost with redis-py's plain API and no model (a client that packs with hiredis on a
+    kept connection, as Sibyl's does, spends less per key)."""
     X = np.atleast_2d(np.asarray(request.get_json()["features"], dtype=np.float64))
     keys = ["flask-redis:" + hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in X]
     client = _redis()
